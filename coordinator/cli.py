@@ -1,0 +1,177 @@
+"""The ``sharedpool`` command: run the coordinator, show status, reload, clean up."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from sharedpool import channel
+from sharedpool.config import PoolConfig
+from sharedpool.errors import SharedPoolError
+from sharedpool.ledger import DEFAULT_SLOTS, Ledger, unlink
+
+from .daemon import Coordinator, Options
+from .status import format_table, snapshot_dict
+
+
+def _pool_name(value: str) -> str:
+    try:
+        return PoolConfig(name=value, pool_size=1).name
+    except SharedPoolError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("NAME", "--name")) from None
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {value!r}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sharedpool",
+        description="Per-host PostgreSQL connection budget shared by all worker processes.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "coordinator",
+        aliases=["run"],
+        help="run the coordinator in the foreground (logs to stderr)",
+        description="Create or adopt the pool's ledger and semaphore, return the permits of dead "
+        "workers, audit drift, and keep a heartbeat. SIGTERM/SIGINT stop it; SIGHUP reconciles.",
+    )
+    run.add_argument("--name", type=_pool_name, default="default", help="pool name (default: %(default)s)")
+    run.add_argument("--budget", type=_positive_int, required=True, help="server connections allowed for all workers of the pool on this host")
+    run.add_argument("--slots", type=_positive_int, default=DEFAULT_SLOTS, help="worker processes the ledger can hold (default: %(default)s)")
+    run.add_argument("--group", help="OS group sharing the pool: objects get mode 0660 instead of 0600")
+    run.add_argument("--reclaim-grace", type=_seconds, default=0.5, help="seconds to wait before returning a dead worker's permits when its backends cannot be seen on this host (default: %(default)s)")
+    run.add_argument("--remove-on-exit", action="store_true", help="remove the ledger and semaphore when stopping (default: leave them for running workers)")
+    run.add_argument("--exit-when-idle", type=_seconds, metavar="SECONDS", help="exit once no worker has been registered for SECONDS")
+    run.add_argument("--exit-with", type=_positive_int, metavar="PID", help="exit (after its workers are gone) when process PID exits")
+    run.add_argument("-v", "--verbose", action="store_true", help="log every registration and reclaim")
+
+    status = sub.add_parser("status", help="show budget, free permits, workers, counters, heartbeat")
+    status.add_argument("--name", type=_pool_name, default="default", help="pool name (default: %(default)s)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--watch", type=_seconds, metavar="SECONDS", help="repeat every SECONDS until interrupted")
+
+    reload = sub.add_parser("reload", help="change the budget of a running pool")
+    reload.add_argument("--name", type=_pool_name, default="default", help="pool name (default: %(default)s)")
+    reload.add_argument("--budget", type=_positive_int, required=True, help="the new budget")
+
+    cleanup = sub.add_parser("cleanup", help="remove a pool's shared memory and semaphore")
+    cleanup.add_argument("--name", type=_pool_name, required=True, help="pool name")
+    cleanup.add_argument("--force", action="store_true", help="remove even if live workers are registered")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except SharedPoolError as exc:
+        print(f"sharedpool {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    coordinator = Coordinator(
+        Options(
+            name=args.name,
+            budget=args.budget,
+            nslots=args.slots,
+            group=args.group,
+            reclaim_grace=args.reclaim_grace,
+            remove_on_exit=args.remove_on_exit,
+            exit_when_idle=args.exit_when_idle,
+            exit_with_pid=args.exit_with,
+        )
+    )
+    coordinator.start()
+    return coordinator.run()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    ledger = Ledger.attach(args.name)
+    try:
+        while True:
+            status = snapshot_dict(ledger.snapshot())
+            print(json.dumps(status) if args.json else format_table(status), flush=True)
+            if args.watch is None:
+                return 0
+            time.sleep(args.watch)
+            if not args.json:
+                print()
+    finally:
+        ledger.close()
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    ledger = Ledger.attach(args.name)
+    try:
+        epoch = ledger.header.epoch
+        if not channel.send(channel.coordinator_address(args.name), f"budget {args.budget}".encode()):
+            print(f"sharedpool reload: no coordinator is running for pool {args.name!r}", file=sys.stderr)
+            return 1
+        deadline = time.monotonic() + 5.0
+        while ledger.header.epoch == epoch and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if ledger.header.budget != args.budget:
+            print(f"sharedpool reload: the coordinator did not apply budget {args.budget} within 5 s", file=sys.stderr)
+            return 1
+        print(f"pool {args.name!r}: budget {args.budget}")
+        return 0
+    finally:
+        ledger.close()
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    if Ledger.exists(args.name) and not args.force:
+        try:
+            ledger = Ledger.attach(args.name)
+        except SharedPoolError:
+            ledger = None  # foreign or corrupt: removing it is the point
+        if ledger is not None:
+            try:
+                live = [w["pid"] for w in snapshot_dict(ledger.snapshot())["workers"] if w["alive"]]
+            finally:
+                ledger.close()
+            if live:
+                print(
+                    f"sharedpool cleanup: pool {args.name!r} has {len(live)} live worker(s) "
+                    f"({', '.join(map(str, live[:8]))}); use --force to remove anyway",
+                    file=sys.stderr,
+                )
+                return 1
+    removed = unlink(args.name)
+    print("\n".join(f"removed {path}" for path in removed) or f"nothing to remove for pool {args.name!r}")
+    return 0
+
+
+COMMANDS = {
+    "coordinator": cmd_coordinator,
+    "run": cmd_coordinator,
+    "status": cmd_status,
+    "reload": cmd_reload,
+    "cleanup": cmd_cleanup,
+}

@@ -1,0 +1,414 @@
+"""Own a pool's ledger: create or adopt it, reclaim dead workers, audit, report.
+
+Coordinator only. Read it like gunicorn's arbiter: signal handlers only
+enqueue; one loop waits on pidfds, the control socket and the signal pipe,
+dispatches to ``handle_*`` methods, and on every pass reaps dead workers,
+finishes pending reclaims and audits the semaphore against the ledger.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import selectors
+import signal
+import time
+from dataclasses import dataclass, field
+
+import posix_ipc
+
+from sharedpool import channel
+from sharedpool.errors import LedgerError, SharedPoolError
+from sharedpool.ledger import (
+    DEFAULT_SLOTS,
+    FLAG_BACKENDS_LOCAL,
+    SLOT_ACTIVE,
+    Header,
+    Ledger,
+    Slot,
+    ipc_names,
+    is_alive,
+    permits_recorded,
+    process_start_time,
+    unlink,
+    validate_segment,
+)
+
+from .liveness import Watcher
+from .notify import SystemdNotifier
+
+log = logging.getLogger("sharedpool.coordinator")
+
+TICK = 0.1  # seconds between passes when no event arrives
+AUDIT_EVERY = 0.5
+RECLAIM_POLL = 0.005  # seconds between /proc checks while a dead worker's backends exit
+
+
+class CoordinatorError(SharedPoolError):
+    """The coordinator cannot start or adopt the pool."""
+
+
+@dataclass
+class PendingReclaim:
+    pid: int
+    start_time: int
+    since: float
+    backends: tuple[int, ...]
+    local: bool
+
+
+@dataclass
+class Options:
+    name: str
+    budget: int
+    nslots: int = DEFAULT_SLOTS
+    group: str | None = None
+    reclaim_grace: float = 0.5
+    remove_on_exit: bool = False
+    exit_when_idle: float | None = None
+    exit_with_pid: int | None = None
+    stats: dict = field(default_factory=dict)
+
+
+class Coordinator:
+    """The daemon for one pool name. Runs in its own process, never in a worker."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.name = options.name
+        self.ledger: Ledger | None = None
+        self.selector = selectors.DefaultSelector()
+        self.watcher = Watcher(self.selector)
+        self.notifier = SystemdNotifier()
+        self.pending: dict[int, PendingReclaim] = {}
+        self.signals: list[int] = []
+        self.running = True
+        self.idle_since = time.monotonic()
+        self.parent_gone = False
+        self._next_audit = 0.0
+        self._next_watchdog = 0.0
+        self._control = None
+        self._wakeup_r = self._wakeup_w = -1
+
+    # -- start -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.ledger = self._create_or_adopt()
+        self._control = channel.bind(channel.coordinator_address(self.name))
+        self._control.setblocking(False)
+        self.selector.register(self._control, selectors.EVENT_READ, ("control", None))
+        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        self.selector.register(self._wakeup_r, selectors.EVENT_READ, ("signal", None))
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._enqueue_signal)
+        if self.options.exit_with_pid:
+            self._watch_parent(self.options.exit_with_pid)
+        self.scan_slots()
+        self.audit()
+        self.notifier.send("READY=1", f"STATUS=pool {self.name!r}: budget {self.ledger.header.budget}")
+        log.info(
+            "pool %r: coordinator pid %d ready, budget %d, epoch %d",
+            self.name, os.getpid(), self.ledger.header.budget, self.ledger.header.epoch,
+        )
+
+    def _create_or_adopt(self) -> Ledger:
+        opts = self.options
+        try:
+            ledger = Ledger.create(opts.name, opts.budget, nslots=opts.nslots, group=opts.group)
+            log.info("pool %r: created ledger and semaphore (%d slots)", opts.name, opts.nslots)
+        except posix_ipc.ExistentialError:
+            ledger = self._adopt()
+        header = ledger.header
+        header.coordinator_pid = os.getpid()
+        header.coordinator_start = process_start_time(os.getpid()) or 0
+        header.heartbeat = time.time()
+        return ledger
+
+    def _adopt(self) -> Ledger:
+        opts = self.options
+        sem_name = ipc_names(opts.name)[1]
+        if not Ledger.exists(opts.name):
+            # a semaphore without its segment: a creation that died half-way
+            unlink(opts.name)
+            log.warning("pool %r: removed a semaphore left without its ledger", opts.name)
+            return Ledger.create(opts.name, opts.budget, nslots=opts.nslots, group=opts.group)
+        if not os.path.exists(f"/dev/shm/sem.{sem_name[1:]}"):
+            self._recreate_semaphore()
+        try:
+            ledger = Ledger.attach(opts.name, group=opts.group)
+        except LedgerError as exc:
+            raise CoordinatorError(f"{exc}; remove it with `sharedpool cleanup --name {opts.name}`") from None
+        header = ledger.header
+        if header.coordinator_pid and header.coordinator_pid != os.getpid() and is_alive(
+            header.coordinator_pid, header.coordinator_start
+        ):
+            ledger.close()
+            raise CoordinatorError(
+                f"pool {opts.name!r}: a coordinator already runs (pid {header.coordinator_pid})"
+            )
+        header.epoch += 1
+        log.info(
+            "pool %r: adopted existing ledger (epoch %d, budget %d, %d permits held)",
+            opts.name, header.epoch, header.budget, ledger.snapshot().held,
+        )
+        if header.budget != opts.budget:
+            self.ledger = ledger
+            self.set_budget(opts.budget)
+        return ledger
+
+    def _recreate_semaphore(self) -> None:
+        """The segment survived its semaphore: rebuild it from what the slots record."""
+        opts = self.options
+        shm_name, sem_name = ipc_names(opts.name)
+        shm = posix_ipc.SharedMemory(shm_name)
+        try:
+            validate_segment(opts.name, shm.fd, f"/dev/shm/{shm_name[1:]}", opts.group)
+            header = Header.from_buffer_copy(os.pread(shm.fd, ctypes.sizeof(Header), 0))
+            raw = os.pread(shm.fd, header.slot_hwm * ctypes.sizeof(Slot), ctypes.sizeof(Header))
+            free = max(0, header.physical - permits_recorded(raw))
+            mode = 0o660 if opts.group else 0o600
+            posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=mode, initial_value=free).close()
+        finally:
+            os.close(shm.fd)
+        log.warning("pool %r: recreated the missing semaphore with %d free permit(s)", opts.name, free)
+
+    # -- loop --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT, or until idle/parent-gone exit conditions hold."""
+        while self.running:
+            for key, _ in self.selector.select(self._timeout()):
+                kind, data = key.data
+                if kind == "pidfd":
+                    self.handle_death(data)
+                elif kind == "control":
+                    self.handle_control()
+                elif kind == "signal":
+                    self._drain_wakeup()
+                elif kind == "parent":
+                    self.parent_gone = True
+            self.handle_signals()
+            self.tick()
+        return self.shutdown()
+
+    def _timeout(self) -> float:
+        return RECLAIM_POLL if self.pending else TICK
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        self.ledger.header.heartbeat = time.time()
+        self.scan_slots()
+        for index in self.watcher.poll_dead():
+            self.handle_death(index)
+        self.finish_reclaims()
+        self.retire_excess_permits()
+        if now >= self._next_audit:
+            self._next_audit = now + AUDIT_EVERY
+            self.audit()
+        if self.notifier.watchdog_interval and now >= self._next_watchdog:
+            self._next_watchdog = now + self.notifier.watchdog_interval
+            self.notifier.send("WATCHDOG=1")
+        self.check_exit(now)
+
+    def check_exit(self, now: float) -> None:
+        active = any(s.state == SLOT_ACTIVE for s in self.ledger.slots[: self.ledger.header.slot_hwm])
+        if active or self.pending:
+            self.idle_since = now
+            return
+        if self.parent_gone:
+            log.info("pool %r: the server that started this coordinator is gone", self.name)
+            self.running = False
+        elif self.options.exit_when_idle is not None and now - self.idle_since >= self.options.exit_when_idle:
+            log.info("pool %r: no worker for %.1f s, exiting", self.name, self.options.exit_when_idle)
+            self.running = False
+
+    # -- events ----------------------------------------------------------------------
+
+    def _enqueue_signal(self, signum: int, frame: object) -> None:
+        self.signals.append(signum)
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self._wakeup_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum == signal.SIGHUP:
+                log.info("pool %r: SIGHUP: reconciling the ledger", self.name)
+                self.scan_slots()
+                self.audit()
+            else:
+                log.info("pool %r: %s: shutting down", self.name, signal.Signals(signum).name)
+                self.running = False
+
+    def handle_control(self) -> None:
+        while True:
+            try:
+                message, _ = self._control.recvfrom(256)
+            except BlockingIOError:
+                return
+            verb, _, argument = message.decode(errors="replace").partition(" ")
+            if verb == "exit" and argument.isdigit():
+                self.handle_exit_notice(int(argument))
+            elif verb == "budget" and argument.isdigit():
+                self.set_budget(int(argument))
+            else:
+                log.warning("pool %r: ignored control message %r", self.name, message[:64])
+
+    def handle_exit_notice(self, pid: int) -> None:
+        """A server told us a worker exited (gunicorn child_exit): act without waiting."""
+        for index in range(self.ledger.header.slot_hwm):
+            slot = self.ledger.slots[index]
+            if slot.state == SLOT_ACTIVE and slot.pid == pid and not is_alive(pid, slot.start_time):
+                self.handle_death(index)
+
+    def scan_slots(self) -> None:
+        """Watch every newly registered worker; catch the ones already gone."""
+        slots = self.ledger.slots
+        for index in range(self.ledger.header.slot_hwm):
+            slot = slots[index]
+            if slot.state != SLOT_ACTIVE or index in self.pending:
+                if slot.state != SLOT_ACTIVE:
+                    self.watcher.forget(index)
+                continue
+            pid, start = slot.pid, slot.start_time
+            if self.watcher.watching(index, pid, start):
+                continue
+            if not self.watcher.watch(index, pid, start):
+                self.handle_death(index)
+
+    def handle_death(self, index: int) -> None:
+        self.watcher.forget(index)
+        slot = self.ledger.slots[index]
+        if slot.state != SLOT_ACTIVE or index in self.pending or is_alive(slot.pid, slot.start_time):
+            return
+        self.pending[index] = PendingReclaim(
+            pid=slot.pid,
+            start_time=slot.start_time,
+            since=time.monotonic(),
+            backends=tuple(pid for pid in slot.backends if pid),
+            local=bool(slot.flags & FLAG_BACKENDS_LOCAL) and not slot.connecting,
+        )
+        log.info("pool %r: worker %d died holding %d permit(s)", self.name, slot.pid, slot.held)
+        self.finish_reclaims()
+
+    def finish_reclaims(self) -> None:
+        """Return a dead worker's permits once its server backends are surely gone."""
+        now = time.monotonic()
+        for index, dead in list(self.pending.items()):
+            if dead.local:
+                if any(os.path.exists(f"/proc/{pid}") for pid in dead.backends):
+                    continue
+            elif now - dead.since < self.options.reclaim_grace:
+                continue
+            del self.pending[index]
+            self.reclaim(index, dead, now)
+
+    def reclaim(self, index: int, dead: PendingReclaim, now: float) -> None:
+        ledger = self.ledger
+        with ledger.registry_lock():
+            slot = ledger.slots[index]
+            if slot.state != SLOT_ACTIVE or (slot.pid, slot.start_time) != (dead.pid, dead.start_time):
+                return
+            count = slot.held
+            slot.held = 0  # unrecord before posting: a crash here leaks, the audit repairs
+            ledger.header.reclaimed_permits += count
+            ledger.header.reclaimed_workers += 1
+            ledger._retire(slot)
+        for _ in range(count):
+            ledger.sem.release()
+        log.info(
+            "pool %r: reclaimed %d permit(s) of worker %d after %.0f ms",
+            self.name, count, dead.pid, (now - dead.since) * 1000,
+        )
+
+    # -- budget --------------------------------------------------------------------
+
+    def set_budget(self, budget: int) -> None:
+        """Change the budget online: add permits now, retire the excess as it frees."""
+        header = self.ledger.header
+        old = header.budget
+        header.budget = budget
+        header.reloads += 1
+        header.epoch += 1
+        while header.physical < budget:
+            header.physical += 1
+            self.ledger.sem.release()
+        log.info("pool %r: budget %d -> %d", self.name, old, budget)
+        self.notifier.send(f"STATUS=pool {self.name!r}: budget {budget}")
+        self.retire_excess_permits()
+
+    def retire_excess_permits(self) -> None:
+        header = self.ledger.header
+        while header.physical > header.budget:
+            try:
+                self.ledger.sem.acquire(0)
+            except posix_ipc.BusyError:
+                return
+            header.physical -= 1
+
+    # -- audit ---------------------------------------------------------------------
+
+    def audit(self) -> None:
+        """Return permits leaked by workers that died mid-operation.
+
+        The semaphore value is read between two identical copies of the slot
+        table, so no permit operation completed in between; every in-flight
+        operation is counted as holding a permit. What is still missing was
+        leaked and is posted back. Nothing here can over-grant.
+        """
+        ledger = self.ledger
+        before = ledger.raw_slots()
+        value = ledger.sem.value
+        if ledger.raw_slots() != before:
+            return
+        accounted = permits_recorded(before)
+        missing = ledger.header.physical - value - accounted
+        if missing > 0:
+            for _ in range(missing):
+                ledger.sem.release()
+            ledger.header.audit_fixes += missing
+            log.warning("pool %r: audit returned %d leaked permit(s)", self.name, missing)
+        elif missing < 0:
+            log.error(
+                "pool %r: semaphore %d + recorded %d exceeds the %d permits in circulation",
+                self.name, value, accounted, ledger.header.physical,
+            )
+
+    # -- stop ----------------------------------------------------------------------
+
+    def _watch_parent(self, pid: int) -> None:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.parent_gone = True
+            return
+        self.selector.register(pidfd, selectors.EVENT_READ, ("parent", None))
+
+    def shutdown(self) -> int:
+        self.notifier.send("STOPPING=1")
+        ledger = self.ledger
+        self.finish_reclaims()
+        ledger.header.coordinator_pid = 0
+        live = [s.pid for s in ledger.slots[: ledger.header.slot_hwm] if s.state == SLOT_ACTIVE]
+        if self.options.remove_on_exit:
+            removed = unlink(self.name)
+            log.info(
+                "pool %r: removed %s%s", self.name, ", ".join(removed) or "nothing",
+                f" ({len(live)} workers still registered)" if live else "",
+            )
+        else:
+            log.info("pool %r: coordinator stopped; ledger left for %d running worker(s)", self.name, len(live))
+        self.watcher.close()
+        self.selector.close()
+        self._control.close()
+        signal.set_wakeup_fd(-1)
+        os.close(self._wakeup_r)
+        os.close(self._wakeup_w)
+        ledger.close()
+        return 0

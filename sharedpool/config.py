@@ -1,0 +1,183 @@
+"""Declare and validate every public setting, once.
+
+Runs in any process. The same validator serves the Django DATABASES entry,
+``SHAREDPOOL_*`` environment variables, the coordinator CLI and reloads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_PREFIX = "SHAREDPOOL_"
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+MAX_PER_PROCESS_LIMIT = 64  # backend pids tracked per ledger slot
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PoolConfig:
+    """Settings of one pool; the scope of each knob is in its first doc line.
+
+    NAME            pool name, per host: workers with the same name share one budget.
+    POOL_SIZE       budget per host: server connections of all workers together.
+    MAX_PER_PROCESS connections one worker process may hold (default: POOL_SIZE).
+    MIN_IDLE        idle connections per process that MAX_IDLE never closes.
+    TIMEOUT         seconds a checkout waits for a permit before PoolTimeout.
+    RECYCLE         seconds after which a connection is replaced (None: never).
+    MAX_IDLE        seconds after which an idle connection is closed (None: never).
+    PRE_PING        seconds idle after which checkout pings first (None: never, 0: always).
+    CHECK_INTERVAL  seconds, the server's client_connection_check_interval on every connection.
+    RECLAIM_GRACE   seconds the coordinator waits before returning a dead worker's permits
+                    when it cannot see the worker's backends exit (remote server).
+    AUTOSTART       start a coordinator on demand when none runs for NAME.
+    GROUP           OS group allowed to share the pool (mode 0660 instead of 0600).
+    """
+
+    name: str = "default"
+    pool_size: int
+    max_per_process: int | None = None
+    min_idle: int = 0
+    timeout: float = 30.0
+    recycle: float | None = 60 * 60.0
+    max_idle: float | None = 5 * 60.0
+    pre_ping: float | None = 1.0
+    check_interval: float | None = 0.1
+    reclaim_grace: float = 0.5
+    autostart: bool = True
+    group: str | None = None
+
+    def __post_init__(self) -> None:
+        for key, (convert, _) in SETTINGS.items():
+            field = key.lower()
+            object.__setattr__(self, field, convert(key, getattr(self, field)))
+        if self.max_per_process is None:
+            object.__setattr__(self, "max_per_process", min(self.pool_size, MAX_PER_PROCESS_LIMIT))
+        if self.max_per_process > self.pool_size:
+            raise ConfigError(
+                f"MAX_PER_PROCESS ({self.max_per_process}) exceeds POOL_SIZE ({self.pool_size})"
+            )
+        if self.min_idle > self.max_per_process:
+            raise ConfigError(
+                f"MIN_IDLE ({self.min_idle}) exceeds MAX_PER_PROCESS ({self.max_per_process})"
+            )
+        if self.check_interval is not None and self.reclaim_grace <= self.check_interval:
+            raise ConfigError(
+                f"RECLAIM_GRACE ({self.reclaim_grace}) must exceed CHECK_INTERVAL "
+                f"({self.check_interval}): a dead worker's backend may live that long"
+            )
+
+    @classmethod
+    def from_mapping(
+        cls,
+        values: Mapping[str, Any],
+        *,
+        env: Mapping[str, str] | None = None,
+        source: str = "settings",
+    ) -> "PoolConfig":
+        """Build from upper-case keys, with ``SHAREDPOOL_<KEY>`` environment overrides winning."""
+        unknown = sorted(set(values) - set(SETTINGS))
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) {', '.join(map(repr, unknown))} in {source}; "
+                f"known keys: {', '.join(SETTINGS)}"
+            )
+        merged = dict(values)
+        for key, raw in env_overrides(os.environ if env is None else env).items():
+            merged[key] = raw
+        if "POOL_SIZE" not in merged:
+            raise ConfigError(f"POOL_SIZE is required in {source} (or {ENV_PREFIX}POOL_SIZE)")
+        return cls(**{key.lower(): value for key, value in merged.items()})
+
+    def as_mapping(self) -> dict[str, Any]:
+        return {key: getattr(self, key.lower()) for key in SETTINGS}
+
+
+def env_overrides(env: Mapping[str, str]) -> dict[str, str]:
+    """Return the ``SHAREDPOOL_*`` variables that name a known setting."""
+    return {
+        key: env[ENV_PREFIX + key] for key in SETTINGS if env.get(ENV_PREFIX + key, "") != ""
+    }
+
+
+def _is_none(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))
+
+
+def _int(minimum: int, maximum: int, optional: bool = False) -> Callable[[str, Any], int | None]:
+    def convert(key: str, value: Any) -> int | None:
+        if optional and _is_none(value):
+            return None
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        try:
+            number = int(value, 10) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+        if not isinstance(number, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if not minimum <= number <= maximum:
+            raise ConfigError(f"{key} must be between {minimum} and {maximum}, got {number}")
+        return number
+
+    return convert
+
+
+def _seconds(minimum: float, optional: bool) -> Callable[[str, Any], float | None]:
+    def convert(key: str, value: Any) -> float | None:
+        if optional and (_is_none(value) or value is False):
+            return None
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number of seconds, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number of seconds, got {value!r}") from None
+        if not number >= minimum or number == float("inf"):
+            raise ConfigError(f"{key} must be a finite number >= {minimum}, got {value!r}")
+        return number
+
+    return convert
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key} must be a boolean, got {value!r}")
+
+
+def _name(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ConfigError(f"{key} must be 1-40 characters of [A-Za-z0-9_-], got {value!r}")
+    return value
+
+
+def _group(key: str, value: Any) -> str | None:
+    if _is_none(value):
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a group name, got {value!r}")
+    return value
+
+
+SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str]] = {
+    "NAME": (_name, "pool name"),
+    "POOL_SIZE": (_int(1, 100_000), "budget per host"),
+    "MAX_PER_PROCESS": (_int(1, MAX_PER_PROCESS_LIMIT, optional=True), "per-process maximum"),
+    "MIN_IDLE": (_int(0, MAX_PER_PROCESS_LIMIT), "idle connections kept per process"),
+    "TIMEOUT": (_seconds(0.0, optional=False), "checkout wait limit"),
+    "RECYCLE": (_seconds(0.0, optional=True), "connection lifetime"),
+    "MAX_IDLE": (_seconds(0.0, optional=True), "idle expiry"),
+    "PRE_PING": (_seconds(0.0, optional=True), "idle seconds before a ping"),
+    "CHECK_INTERVAL": (_seconds(0.001, optional=True), "server-side dead client check"),
+    "RECLAIM_GRACE": (_seconds(0.0, optional=False), "dead worker grace"),
+    "AUTOSTART": (_bool, "start a coordinator on demand"),
+    "GROUP": (_group, "shared OS group"),
+}

@@ -1,0 +1,162 @@
+"""Take and give back permits of the per-host budget, recorded in the caller's slot.
+
+Runs in the worker. The order makes a crash leak, never over-grant: a permit
+is counted in ``inflight`` before the semaphore moves and in ``held`` only
+after; ``held`` drops before the semaphore is posted. The coordinator returns
+``held`` of a dead worker; its ``inflight`` operations are left to the audit,
+which counts each one as holding a permit.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import posix_ipc
+
+from .errors import PoolTimeout
+from .ledger import Ledger, Slot, process_start_time
+
+WAIT_SLICE = 0.25  # seconds per blocking wait, between pressure signals
+
+
+class PermitGate:
+    """Take and give back permits for this process.
+
+    Runs in the worker; one per (process, pool). After fork the child calls
+    ``register()`` again and gets a fresh slot: nothing of the parent's carries over.
+    """
+
+    def __init__(self, ledger: Ledger, on_pressure: Callable[[], None] | None = None) -> None:
+        self.ledger = ledger
+        self.name = ledger.name
+        self.on_pressure = on_pressure
+        self._sem = ledger.sem
+        self._lock = threading.Lock()
+        self.slot: Slot | None = None
+        self.slot_index = -1
+        self.pid = 0
+
+    def register(self) -> None:
+        """Claim a slot for this process."""
+        self.pid = os.getpid()
+        self._lock = threading.Lock()
+        self.slot_index = self.ledger.claim_slot(self.pid, process_start_time(self.pid) or 0)
+        self.slot = self.ledger.slots[self.slot_index]
+
+    def deregister(self) -> None:
+        """Give back every recorded permit and free the slot (normal exit)."""
+        slot = self.slot
+        if slot is None or self.pid != os.getpid():
+            return
+        with self._lock:
+            count = slot.held
+            slot.inflight += count
+            slot.held = 0
+            slot.releases += count
+        for _ in range(count):
+            self._sem.release()
+        with self._lock:
+            slot.inflight -= count
+        self.ledger.free_slot(self.slot_index)
+        self.slot = None
+
+    def forget(self) -> None:
+        """Drop the parent's slot without touching it (child after fork)."""
+        self.slot = None
+        self.slot_index = -1
+        self._lock = threading.Lock()
+
+    def try_acquire(self) -> bool:
+        slot = self.slot
+        with self._lock:
+            slot.inflight += 1
+        try:
+            self._sem.acquire(0)
+        except posix_ipc.BusyError:
+            with self._lock:
+                slot.inflight -= 1
+            return False
+        with self._lock:
+            slot.held += 1
+            slot.inflight -= 1
+            slot.grants += 1
+        return True
+
+    def acquire(self, timeout: float) -> None:
+        """Take a permit, waiting at most ``timeout`` seconds, or raise PoolTimeout."""
+        if self.try_acquire():
+            return
+        slot = self.slot
+        start = time.monotonic()
+        deadline = start + timeout
+        with self._lock:
+            slot.inflight += 1
+            if slot.waiting == 0:
+                slot.wait_since = time.time()
+            slot.waiting += 1
+        acquired = False
+        try:
+            while True:
+                if self.on_pressure is not None:
+                    self.on_pressure()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if wait_for_permit(self._sem, min(remaining, WAIT_SLICE)):
+                    acquired = True
+                    break
+        finally:
+            waited_ms = (time.monotonic() - start) * 1000.0
+            with self._lock:
+                slot.waiting -= 1
+                if slot.waiting == 0:
+                    slot.wait_since = 0.0
+                slot.waits += 1
+                slot.wait_ms += waited_ms
+                if acquired:
+                    slot.held += 1
+                    slot.grants += 1
+                else:
+                    slot.timeouts += 1
+                slot.inflight -= 1
+        if not acquired:
+            raise self.timeout_error(timeout)
+
+    def release(self) -> None:
+        slot = self.slot
+        with self._lock:
+            slot.inflight += 1
+            slot.held -= 1
+            slot.releases += 1
+        self._sem.release()
+        with self._lock:
+            slot.inflight -= 1
+
+    def timeout_error(self, timeout: float) -> PoolTimeout:
+        snap = self.ledger.snapshot()
+        holders = [s for s in snap.slots if s.held]
+        return PoolTimeout(
+            f"pool {self.name!r}: no permit after {timeout:.1f} s (budget {snap.budget}, "
+            f"held by {len(holders)} workers: {snap.holders_text()}; {snap.waiting} waiting)"
+        )
+
+
+def wait_for_permit(sem: posix_ipc.Semaphore, timeout: float) -> bool:
+    """Block this thread, or under gevent only this greenlet, until a permit or the timeout."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("threading"):
+        from gevent import get_hub
+
+        return get_hub().threadpool.apply(_sem_wait, (sem, timeout))
+    return _sem_wait(sem, timeout)
+
+
+def _sem_wait(sem: posix_ipc.Semaphore, timeout: float) -> bool:
+    try:
+        sem.acquire(timeout)
+    except posix_ipc.BusyError:
+        return False
+    return True
