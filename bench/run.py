@@ -1,0 +1,975 @@
+#!/usr/bin/env python3
+"""Side-by-side load runs: one Django app under gunicorn, five connection strategies.
+
+Each (scenario, strategy) run gets a fresh database (CREATE DATABASE ... TEMPLATE),
+its own gunicorn (own process group), its own PgBouncer when the strategy needs
+one, and a sampler that counts the server's client backends on the bench
+database every 20 ms (pg_stat_activity). Load comes from wrk (a lua script
+prints p50/p90/p99 and the error counts). One JSON line per run is appended to
+bench/results/<stamp>-<mode>.jsonl; a summary with the targets (pass / FAIL /
+not run) goes to <stamp>-<mode>.summary.json and to stdout.
+
+    .venv/bin/python bench/run.py --quick                   # every scenario, short
+    .venv/bin/python bench/run.py --scenarios S1,S5 --strategies persistent,pgbouncer
+    .venv/bin/python bench/plot.py                          # PNGs of the newest results
+
+PostgreSQL: DATABASE_URL if set (needs CREATE DATABASE rights), else a private
+throwaway cluster (devtools.pgcluster.TempCluster) stopped at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import http.client
+import json
+import os
+import platform
+import random
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH_DIR)
+RESULTS_DIR = os.path.join(BENCH_DIR, "results")
+WRK_SCRIPT = os.path.join(BENCH_DIR, "wrk", "report.lua")
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+STRATEGIES = ["direct", "persistent", "djdbpool", "pgbouncer", "sharedpool"]
+DB_NAME = "bench"
+TEMPLATE_DB = "bench_template"
+ROWS = 10000
+SAMPLE_INTERVAL = 0.020
+
+# Scenario table. "views" are separate runs: (label, wrk path spec).
+SCENARIOS: dict[str, dict] = {
+    "S1": dict(desc="right-sized: sync, workers = budget = 4, read view",
+               worker_class="sync", workers=4, threads=1, budget=4,
+               views=[("read", "/read")], connections=8),
+    "S2": dict(desc="oversubscribed: sync, 8 workers, budget 4; read view and a 10 ms query",
+               worker_class="sync", workers=8, threads=1, budget=4,
+               views=[("read", "/read"), ("query10ms", "/slow?ms=10")], connections=16),
+    "S3": dict(desc="threads with skew: gthread 4 workers x 4 threads, budget 6; "
+                    "90% read, 10% a 50 ms query",
+               worker_class="gthread", workers=4, threads=4, budget=6,
+               views=[("skew", "/read:90,/slow?ms=50:10")], connections=32),
+    "S4": dict(desc="reload storm: sync, 8 workers, budget 8, HUP every 2 s, --max-requests 50",
+               worker_class="sync", workers=8, threads=1, budget=8,
+               views=[("read", "/read")], connections=16, hup_every=2.0, max_requests=50),
+    "S5": dict(desc="session features: server-side cursor, SET LOCAL, advisory lock, "
+                    "prepared statement (+ plain SET); sync, 8 workers, budget 4",
+               worker_class="sync", workers=8, threads=1, budget=4,
+               views=[("session", "/session")], connections=16, features=True),
+}
+FEATURES = ["server_side_cursor", "set_local", "advisory_lock", "prepared_statement",
+            "session_set"]
+REQUIRED_FEATURES = FEATURES[:4]
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def venv_bin(name: str) -> str:
+    cand = os.path.join(os.path.dirname(sys.executable), name)
+    if os.path.exists(cand):
+        return cand
+    found = shutil.which(name)
+    if not found:
+        raise SystemExit(f"error: {name} not found next to {sys.executable} nor on PATH")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- database
+
+class Server:
+    """The PostgreSQL server: DATABASE_URL or a TempCluster we own."""
+
+    def __init__(self):
+        from devtools.pgcluster import TempCluster, parse_dsn, url_to_dsn
+        self.cluster = None
+        url = os.environ.get("DATABASE_URL")
+        if url:
+            kw = parse_dsn(url_to_dsn(url))
+            self.source = "DATABASE_URL"
+        else:
+            self.cluster = TempCluster()
+            self.cluster.start()
+            kw = parse_dsn(self.cluster.dsn)
+            self.source = "devtools.pgcluster.TempCluster"
+        self.host = kw.get("host", "127.0.0.1")
+        self.port = int(kw.get("port", 5432))
+        self.user = kw.get("user", "postgres")
+        self.password = kw.get("password", "")
+        self.admin_db = kw.get("dbname", "postgres")
+        if self.admin_db in (DB_NAME, TEMPLATE_DB):
+            self.admin_db = "postgres"
+
+    def connect(self, dbname: str | None = None, app: str = "bench-harness"):
+        import psycopg2
+        conn = psycopg2.connect(host=self.host, port=self.port, user=self.user,
+                                password=self.password or None,
+                                dbname=dbname or self.admin_db, application_name=app)
+        conn.autocommit = True
+        return conn
+
+    def query1(self, sql: str, args=(), dbname: str | None = None):
+        conn = self.connect(dbname)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, args)
+                return cur.fetchone()
+        finally:
+            conn.close()
+
+    def make_template(self) -> None:
+        conn = self.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
+                cur.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)")
+                cur.execute(f"CREATE DATABASE {TEMPLATE_DB}")
+        finally:
+            conn.close()
+        conn = self.connect(TEMPLATE_DB)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("CREATE TABLE bench_item (id bigserial PRIMARY KEY,"
+                            " name varchar(64) NOT NULL, value integer NOT NULL)")
+                cur.execute("INSERT INTO bench_item (name, value)"
+                            " SELECT 'item-' || g, (g * 7919) %% 100000"
+                            " FROM generate_series(1, %s) g", (ROWS,))
+                cur.execute("VACUUM ANALYZE bench_item")
+        finally:
+            conn.close()
+
+    def fresh_db(self) -> None:
+        conn = self.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
+                cur.execute(f"CREATE DATABASE {DB_NAME} TEMPLATE {TEMPLATE_DB}")
+        finally:
+            conn.close()
+
+    def drop_all(self) -> None:
+        with contextlib.suppress(Exception):
+            conn = self.connect()
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
+                    cur.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)")
+            finally:
+                conn.close()
+
+    def version(self) -> str:
+        return self.query1("SELECT version()")[0]
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
+
+
+class Sampler(threading.Thread):
+    """Counts client backends on the bench database every 20 ms (own
+    connection on the admin database, so it is never counted itself)."""
+
+    SQL = ("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+           " AND datname = %s AND pid <> pg_backend_pid()")
+
+    def __init__(self, server: Server):
+        super().__init__(daemon=True, name="conn-sampler")
+        self.conn = server.connect(app="bench-sampler")
+        self.samples: list[tuple[float, int]] = []
+        self.t0 = time.monotonic()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        cur = self.conn.cursor()
+        nxt = time.monotonic()
+        while not self._halt.is_set():
+            cur.execute(self.SQL, (DB_NAME,))
+            self.samples.append((time.monotonic() - self.t0, cur.fetchone()[0]))
+            nxt += SAMPLE_INTERVAL
+            delay = nxt - time.monotonic()
+            if delay > 0:
+                self._halt.wait(delay)
+            else:
+                nxt = time.monotonic()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+        with contextlib.suppress(Exception):
+            self.conn.close()
+
+
+def sessions_count(server: Server) -> int:
+    """pg_stat_database.sessions of the bench database (sessions established
+    since the database was created: every run starts from a new database)."""
+    row = server.query1("SELECT coalesce(sessions, 0) FROM pg_stat_database WHERE datname = %s",
+                        (DB_NAME,))
+    return int(row[0]) if row else 0
+
+
+def wait_no_backends(server: Server, timeout: float = 5.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        n = server.query1("SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                          " AND backend_type = 'client backend'", (DB_NAME,))[0]
+        if n == 0 or time.monotonic() > deadline:
+            return n
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- processes
+
+def stop_group(proc: subprocess.Popen, sig=signal.SIGTERM, grace: float = 15.0) -> None:
+    """Signal the leader, wait, then SIGKILL whatever is left of its group."""
+    pgid = proc.pid  # start_new_session=True: pgid == pid
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and group_alive(pgid):
+        time.sleep(0.05)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+class PgBouncer:
+    def __init__(self, server: Server, budget: int, workdir: str):
+        self.port = free_port()
+        self.dir = os.path.join(workdir, "pgbouncer")
+        os.makedirs(self.dir, exist_ok=True)
+        self.ini = os.path.join(self.dir, "pgbouncer.ini")
+        self.logfile = os.path.join(self.dir, "pgbouncer.log")
+        pw = f" password={server.password}" if server.password else ""
+        conf = f"""[databases]
+{DB_NAME} = host={server.host} port={server.port} dbname={DB_NAME} user={server.user}{pw}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {self.port}
+unix_socket_dir =
+auth_type = any
+pool_mode = transaction
+default_pool_size = {budget}
+max_db_connections = {budget}
+min_pool_size = 0
+reserve_pool_size = 0
+max_client_conn = 2000
+ignore_startup_parameters = extra_float_digits,options
+logfile = {self.logfile}
+pidfile =
+log_connections = 0
+log_disconnections = 0
+"""
+        with open(self.ini, "w") as f:
+            f.write(conf)
+        argv = [shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", self.ini]
+        if os.geteuid() == 0:  # pgbouncer refuses to run as root
+            import pwd
+            pwent = pwd.getpwnam("postgres")
+            for p in (workdir, self.dir, self.ini):
+                os.chown(p, pwent.pw_uid, pwent.pw_gid)
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        self.argv = argv
+        self.conf = conf
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"pgbouncer did not start:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def log_tail(self, n: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            with open(self.logfile, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        return "(no log)"
+
+    def stop(self) -> None:
+        # SIGINT: safe shutdown would wait for clients; gunicorn is gone by now.
+        stop_group(self.proc, signal.SIGTERM, grace=5)
+
+
+def http_get(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------- load
+
+def run_wrk(port: int, paths: str, connections: int, duration: int, timeout_s: int = 30):
+    threads = max(1, min(2, connections))
+    cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s",
+           "--timeout", f"{timeout_s}s", "-s", WRK_SCRIPT, f"http://127.0.0.1:{port}"]
+    env = dict(os.environ, BENCH_PATHS=paths)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                          timeout=duration + timeout_s + 30)
+    m = re.search(r"^BENCH_JSON (\{.*\})$", proc.stdout, re.M)
+    if proc.returncode != 0 or not m:
+        raise RuntimeError(f"wrk failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return json.loads(m.group(1)), cmd, "BENCH_PATHS=" + shlex.quote(paths)
+
+
+def probe_features(port: int, concurrency: int, duration: float) -> dict:
+    """S5: call /session sequentially (10 times) then from `concurrency`
+    threads for `duration` seconds; tally each feature's failures."""
+    tally = {f: {"ok": 0, "failed": 0, "example_error": ""} for f in FEATURES}
+    lock = threading.Lock()
+    lat: list[float] = []
+    errors = {"http_non_200": 0, "transport": 0}
+
+    def one():
+        t = time.perf_counter()
+        try:
+            status, body = http_get(port, "/session", timeout=60)
+        except Exception as exc:  # connection reset, timeout
+            with lock:
+                errors["transport"] += 1
+                tally["server_side_cursor"]["example_error"] = (
+                    tally["server_side_cursor"]["example_error"] or f"transport: {exc}")
+            return
+        dt = time.perf_counter() - t
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = {}
+        with lock:
+            lat.append(dt)
+            if status != 200:
+                errors["http_non_200"] += 1
+            feats = data.get("features") or {}
+            for f in FEATURES:
+                r = feats.get(f)
+                if r is None:
+                    tally[f]["failed"] += 1
+                    tally[f]["example_error"] = tally[f]["example_error"] or f"HTTP {status}"
+                elif r.get("ok"):
+                    tally[f]["ok"] += 1
+                else:
+                    tally[f]["failed"] += 1
+                    tally[f]["example_error"] = tally[f]["example_error"] or r.get("error", "")
+
+    for _ in range(10):
+        one()
+    sequential = {f: dict(v) for f, v in tally.items()}
+    t0 = time.monotonic()
+    stop_at = t0 + duration
+
+    def worker():
+        while time.monotonic() < stop_at:
+            one()
+
+    n_before = len(lat)
+    ths = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    elapsed = time.monotonic() - t0
+    conc = sorted(lat[n_before:])
+
+    def pct(p):
+        if not conc:
+            return 0.0
+        return conc[min(len(conc) - 1, int(round(p / 100.0 * (len(conc) - 1))))] * 1000
+
+    return {
+        "sequential": sequential,
+        "total": tally,
+        "served_correctly": {f: tally[f]["failed"] == 0 and tally[f]["ok"] > 0 for f in FEATURES},
+        "load": {"generator": f"python threads x{concurrency}", "requests": len(conc),
+                 "duration_s": elapsed, "rps": len(conc) / elapsed if elapsed else 0.0,
+                 "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
+                 "max_ms": conc[-1] * 1000 if conc else 0.0,
+                 "mean_ms": statistics.fmean(conc) * 1000 if conc else 0.0,
+                 "errors": errors["http_non_200"] + errors["transport"],
+                 "errors_detail": errors},
+    }
+
+
+# --------------------------------------------------------------------------- one run
+
+class Skip(Exception):
+    pass
+
+
+def sharedpool_available(python: str) -> tuple[bool, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([BENCH_DIR, ROOT]),
+               DJANGO_SETTINGS_MODULE="app.settings", BENCH_STRATEGY="persistent")
+    code = ("import django; django.setup(); import sharedpool.integrations.django.base;"
+            " import sharedpool.integrations.gunicorn")
+    p = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True)
+    if p.returncode == 0:
+        return True, ""
+    last = (p.stderr.strip().splitlines() or ["?"])[-1]
+    return False, f"import sharedpool.integrations.django failed: {last}"
+
+
+def pool_name() -> str:
+    return ("bench" + format(os.getpid(), "x") + secrets.token_hex(3))[:24]
+
+
+def shm_entries(name: str) -> list[str]:
+    with contextlib.suppress(FileNotFoundError):
+        return sorted(e for e in os.listdir("/dev/shm") if name in e)
+    return []
+
+
+def run_one(ctx: dict, scenario: str, view: str, paths: str, strategy: str, rep: int) -> dict:
+    sc = SCENARIOS[scenario]
+    server: Server = ctx["server"]
+    args = ctx["args"]
+    duration = args.duration
+    budget, workers, threads = sc["budget"], sc["workers"], sc["threads"]
+    rec: dict = {
+        "kind": "run", "run_id": ctx["run_id"], "started_at": _dt.datetime.now(
+            _dt.timezone.utc).isoformat(timespec="seconds"),
+        "mode": ctx["mode"], "scenario": scenario, "scenario_desc": sc["desc"], "view": view,
+        "paths": paths, "strategy": strategy, "repeat": rep, "duration_s": duration,
+        "budget": budget, "workers": workers, "threads": threads,
+        "worker_class": sc["worker_class"], "max_requests": sc.get("max_requests", 0),
+        "hup_every_s": sc.get("hup_every", 0), "notes": [],
+    }
+    if strategy == "sharedpool" and not ctx["sharedpool_ok"]:
+        raise Skip(ctx["sharedpool_reason"])
+    if strategy == "pgbouncer" and not shutil.which("pgbouncer") and not os.path.exists(
+            "/usr/sbin/pgbouncer"):
+        raise Skip("pgbouncer not installed (bench/setup.sh installs it)")
+
+    workdir = tempfile.mkdtemp(prefix="sharedpool-bench-")
+    os.chmod(workdir, 0o755)
+    bouncer = gun = sampler = None
+    name = pool_name() if strategy == "sharedpool" else None
+    hup_stop = threading.Event()
+    hups = [0]
+    try:
+        server.fresh_db()
+        db_host, db_port = server.host, server.port
+        if strategy == "pgbouncer":
+            bouncer = PgBouncer(server, budget, workdir)
+            db_host, db_port = "127.0.0.1", bouncer.port
+            rec["pgbouncer"] = {"pool_mode": "transaction", "default_pool_size": budget,
+                                "max_db_connections": budget, "version": ctx["versions"].get(
+                                    "pgbouncer"), "command": shlex.join(bouncer.argv)}
+        if strategy == "djdbpool":
+            size = max(1, budget // workers)
+            rec["djdbpool"] = {"POOL_SIZE": size, "MAX_OVERFLOW": 0,
+                               "possible_server_connections": size * workers}
+            if size * workers != budget:
+                rec["notes"].append(
+                    f"djdbpool: a per-process pool of {size} x {workers} workers = "
+                    f"{size * workers} connections; cannot express budget {budget}")
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BENCH_", "SHAREDPOOL_"))}
+        env.update({
+            "PYTHONPATH": os.pathsep.join([BENCH_DIR, ROOT]),
+            "DJANGO_SETTINGS_MODULE": "app.settings",
+            "BENCH_STRATEGY": strategy, "BENCH_BUDGET": str(budget),
+            "BENCH_WORKERS": str(workers), "BENCH_ROWS": str(ROWS),
+            "BENCH_DRIVER": args.driver,
+            "BENCH_DB_HOST": db_host, "BENCH_DB_PORT": str(db_port), "BENCH_DB_NAME": DB_NAME,
+            "BENCH_DB_USER": server.user, "BENCH_DB_PASSWORD": server.password,
+        })
+        if strategy == "sharedpool":
+            env.update({"SHAREDPOOL_NAME": name, "SHAREDPOOL_POOL_SIZE": str(budget),
+                        "BENCH_MAX_PER_PROCESS": str(budget)})
+            rec["sharedpool"] = {"NAME": name, "POOL_SIZE": budget, "MAX_PER_PROCESS": budget}
+        cmd = [ctx["gunicorn"]]
+        if strategy == "sharedpool":
+            cmd += ["-c", "python:sharedpool.integrations.gunicorn"]
+        cmd += ["--bind", f"127.0.0.1:{port}", "--workers", str(workers),
+                "--worker-class", sc["worker_class"], "--timeout", "60",
+                "--graceful-timeout", "10", "--log-level", "warning", "--backlog", "2048"]
+        if sc["worker_class"] == "gthread":
+            cmd += ["--threads", str(threads)]
+        if sc.get("max_requests"):
+            cmd += ["--max-requests", str(sc["max_requests"])]
+        cmd += ["app.wsgi:application"]
+        shown_env = {k: ("***" if "PASSWORD" in k and v else v) for k, v in env.items()
+                     if k.startswith(("BENCH_", "SHAREDPOOL_", "DJANGO_"))}
+        rec["command"] = {"harness": ctx["harness_cmd"], "gunicorn": shlex.join(cmd),
+                          "gunicorn_env": shown_env}
+        glog = open(os.path.join(workdir, "gunicorn.log"), "wb")
+        gun = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=glog,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+        glog.close()
+        ctx["live"].append(gun)
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                if http_get(port, "/health", timeout=2)[0] == 200:
+                    break
+            if gun.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("gunicorn did not come up:\n" + tail(workdir, "gunicorn.log"))
+            time.sleep(0.1)
+        # warm-up: every worker imports, connects (where it keeps connections)
+        first_path = paths.split(",")[0].rsplit(":", 1)[0] if ":" in paths.split(",")[0] \
+            else paths.split(",")[0]
+        with contextlib.suppress(Exception):
+            run_wrk(port, first_path, min(sc["connections"], workers * threads), 1)
+
+        sampler = Sampler(server)
+        sessions0 = sessions_count(server)
+        sampler.start()
+        t_load0 = time.monotonic() - sampler.t0
+
+        def hupper():
+            while not hup_stop.wait(sc["hup_every"]):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(gun.pid, signal.SIGHUP)
+                    hups[0] += 1
+
+        hup_thread = None
+        if sc.get("hup_every"):
+            hup_thread = threading.Thread(target=hupper, daemon=True)
+            hup_thread.start()
+        if sc.get("features"):
+            feat = probe_features(port, sc["connections"], duration)
+            load = feat.pop("load")
+            rec["features"] = feat
+            rec["command"]["load"] = (f"python threads x{sc['connections']} GET /session "
+                                      f"for {duration}s (after 10 sequential calls)")
+        else:
+            w, wcmd, wenv = run_wrk(port, paths, sc["connections"], duration)
+            secs = w["duration_us"] / 1e6
+            errs = {k[7:]: w[k] for k in w if k.startswith("errors_")}
+            load = {"generator": "wrk", "requests": w["requests"], "duration_s": secs,
+                    "rps": w["requests"] / secs if secs else 0.0,
+                    "p50_ms": w["lat_p50_us"] / 1000, "p90_ms": w["lat_p90_us"] / 1000,
+                    "p99_ms": w["lat_p99_us"] / 1000, "max_ms": w["lat_max_us"] / 1000,
+                    "mean_ms": w["lat_mean_us"] / 1000, "errors": sum(errs.values()),
+                    "errors_detail": errs}
+            rec["command"]["load"] = wenv + " " + shlex.join(wcmd)
+        t_load1 = time.monotonic() - sampler.t0
+        hup_stop.set()
+        if hup_thread:
+            hup_thread.join(5)
+        # keep sampling until the server is stopped: connections that outlive
+        # the load (or a reload's old workers) still count for the peak
+        sessions1 = sessions_count(server)
+        stop_group(gun, signal.SIGTERM, grace=20)
+        if bouncer:
+            bouncer.stop()
+            bouncer = None
+        time.sleep(0.1)
+        sampler.stop()
+        left = wait_no_backends(server)
+        samples = sampler.samples
+        in_load = [n for t, n in samples if t_load0 <= t <= t_load1] or [0]
+        rec.update(load)
+        rec["hups"] = hups[0]
+        new_conns = max(0, sessions1 - sessions0)
+        rec.update({
+            "conn_peak": max(n for _, n in samples) if samples else 0,
+            "conn_peak_load": max(in_load),
+            "conn_mean": statistics.fmean(in_load),
+            "conn_samples": len(samples),
+            "conn_samples_over_budget": sum(1 for _, n in samples if n > budget),
+            "new_conns": new_conns,
+            "new_conns_per_s": new_conns / (t_load1 - t_load0) if t_load1 > t_load0 else 0.0,
+            "load_window_s": [round(t_load0, 3), round(t_load1, 3)],
+            "series": [[round(t, 3), n] for t, n in samples],
+            "backends_left_after_stop": left,
+        })
+        errs = tail(workdir, "gunicorn.log", 400)
+        n_tracebacks = errs.count("Traceback")
+        if n_tracebacks:
+            rec["notes"].append(f"gunicorn log has {n_tracebacks} tracebacks; last lines: "
+                                + " | ".join(errs.strip().splitlines()[-3:])[:600])
+        return rec
+    finally:
+        hup_stop.set()
+        if sampler is not None and sampler.is_alive():
+            sampler.stop()
+        if gun is not None:
+            stop_group(gun, signal.SIGTERM, grace=10)
+            with contextlib.suppress(ValueError):
+                ctx["live"].remove(gun)
+            if group_alive(gun.pid):
+                rec["notes"].append(f"process group {gun.pid} still alive after stop")
+        if bouncer is not None:
+            bouncer.stop()
+        if name:
+            cleanup_ipc(ctx, name, rec)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def cleanup_ipc(ctx: dict, name: str, rec: dict) -> None:
+    left = shm_entries(name)
+    rec["ipc_left_before_cleanup"] = left
+    sp = shutil.which("sharedpool", path=os.path.dirname(ctx["gunicorn"]))
+    if sp:
+        with contextlib.suppress(Exception):
+            subprocess.run([sp, "cleanup", "--name", name], capture_output=True, timeout=30)
+    for e in shm_entries(name):  # last resort: the objects are ours by name
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join("/dev/shm", e))
+
+
+def tail(workdir: str, fname: str, n: int = 30) -> str:
+    with contextlib.suppress(OSError):
+        with open(os.path.join(workdir, fname), errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    return ""
+
+
+# --------------------------------------------------------------------------- metadata
+
+def pkg_version(name: str) -> str | None:
+    from importlib import metadata
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    mem = 0
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) // 1024
+    os_name = ""
+    with contextlib.suppress(OSError):
+        with open("/etc/os-release") as f:
+            for line in f:
+                if line.startswith("PRETTY_NAME="):
+                    os_name = line.split("=", 1)[1].strip().strip('"')
+    return {"hostname": socket.gethostname(), "cpus": os.cpu_count(), "cpu_model": cpu,
+            "mem_mib": mem, "kernel": platform.release(), "os": os_name,
+            "python": platform.python_version()}
+
+
+def tool_version(argv: list[str], pattern: str) -> str | None:
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(pattern, p.stdout + p.stderr)
+    return m.group(1) if m else None
+
+
+def versions(server: Server) -> dict:
+    v = {name: pkg_version(name) for name in
+         ("Django", "gunicorn", "SQLAlchemy", "psycopg2-binary", "psycopg",
+          "django-db-connection-pool", "sharedpool")}
+    v["postgresql"] = server.version()
+    v["pgbouncer"] = tool_version(["pgbouncer", "--version"], r"PgBouncer (\S+)")
+    v["wrk"] = tool_version(["wrk", "--version"], r"wrk (\S+)")
+    with contextlib.suppress(Exception):
+        v["git_commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"],
+                                         capture_output=True, text=True).stdout.strip()
+    return v
+
+
+# --------------------------------------------------------------------------- summary
+
+def median_of(runs: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in runs if key in r]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(runs: list[dict], skipped: list[dict]) -> dict:
+    by: dict[tuple, list[dict]] = {}
+    for r in runs:
+        by.setdefault((r["scenario"], r["view"], r["strategy"]), []).append(r)
+
+    def m(sc, view, strat, key):
+        rs = by.get((sc, view, strat))
+        return median_of(rs, key) if rs else None
+
+    def peak(sc, view, strat):
+        rs = by.get((sc, view, strat))
+        return max(r["conn_peak"] for r in rs) if rs else None
+
+    targets = []
+
+    def add(tid, text, ok, detail, missing=None):
+        status = "not run" if missing else ("pass" if ok else "FAIL")
+        targets.append({"id": tid, "target": text, "status": status,
+                        "detail": missing or detail})
+
+    # S1
+    sp, pe = m("S1", "read", "sharedpool", "rps"), m("S1", "read", "persistent", "rps")
+    sp99, pe99 = m("S1", "read", "sharedpool", "p99_ms"), m("S1", "read", "persistent", "p99_ms")
+    miss = None if sp is not None and pe else "needs S1 sharedpool and persistent runs"
+    add("S1-throughput", "S1: sharedpool >= 0.98x persistent throughput",
+        miss is None and sp / pe >= 0.98,
+        miss or f"{sp:.0f} vs {pe:.0f} req/s = {sp / pe:.3f}x", miss)
+    add("S1-p99", "S1: sharedpool p99 <= 1.1x persistent p99",
+        miss is None and pe99 and sp99 / pe99 <= 1.1,
+        miss or f"{sp99:.2f} vs {pe99:.2f} ms = {sp99 / pe99:.3f}x" if pe99 else "p99 0", miss)
+    # S2
+    for view in [v for v, _ in SCENARIOS["S2"]["views"]]:
+        b = SCENARIOS["S2"]["budget"]
+        pk = peak("S2", view, "sharedpool")
+        add(f"S2-{view}-cap", f"S2 {view}: sharedpool peak server connections <= budget {b}",
+            pk is not None and pk <= b, f"peak {pk}",
+            None if pk is not None else "needs S2 sharedpool run")
+        sp, pb = m("S2", view, "sharedpool", "rps"), m("S2", view, "pgbouncer", "rps")
+        miss = None if sp is not None and pb else "needs S2 sharedpool and pgbouncer runs"
+        add(f"S2-{view}-vs-pgbouncer", f"S2 {view}: sharedpool >= 0.9x PgBouncer throughput",
+            miss is None and sp / pb >= 0.9,
+            miss or f"{sp:.0f} vs {pb:.0f} req/s = {sp / pb:.3f}x", miss)
+    # S4
+    b = SCENARIOS["S4"]["budget"]
+    for strat, want_le in (("sharedpool", True), ("pgbouncer", True), ("persistent", False)):
+        pk = peak("S4", "read", strat)
+        text = (f"S4: {strat} peak server connections <= budget {b}" if want_le
+                else f"S4: {strat} peak server connections exceed budget {b}")
+        add(f"S4-{strat}", text, pk is not None and ((pk <= b) if want_le else (pk > b)),
+            f"peak {pk}", None if pk is not None else f"needs S4 {strat} run")
+    # S5
+    feats = {}
+    for strat in STRATEGIES:
+        rs = by.get(("S5", "session", strat))
+        if rs:
+            feats[strat] = {f: all(r["features"]["served_correctly"][f] for r in rs)
+                            for f in FEATURES}
+    if "sharedpool" in feats:
+        bad = [f for f in REQUIRED_FEATURES if not feats["sharedpool"][f]]
+        add("S5-sharedpool", "S5: sharedpool serves every session feature", not bad,
+            "all served" if not bad else "broken: " + ", ".join(bad))
+    else:
+        add("S5-sharedpool", "S5: sharedpool serves every session feature", False, "",
+            "needs S5 sharedpool run")
+    pgb_broken = None
+    if "pgbouncer" in feats:
+        pgb_broken = [f for f in FEATURES if not feats["pgbouncer"][f]]
+    return {"kind": "summary", "targets": targets, "features": feats,
+            "pgbouncer_transaction_mode_breaks": pgb_broken,
+            "skipped": skipped,
+            "table": [
+                {"scenario": sc, "view": v, "strategy": st,
+                 "rps": median_of(rs, "rps"), "p50_ms": median_of(rs, "p50_ms"),
+                 "p99_ms": median_of(rs, "p99_ms"), "errors": sum(r["errors"] for r in rs),
+                 "conn_peak": max(r["conn_peak"] for r in rs),
+                 "conn_mean": median_of(rs, "conn_mean"),
+                 "new_conns_per_s": median_of(rs, "new_conns_per_s"), "runs": len(rs)}
+                for (sc, v, st), rs in sorted(by.items())]}
+
+
+def print_summary(summary: dict) -> None:
+    log("")
+    log(f"{'scenario':<14}{'strategy':<12}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'errors':>8}{'peak':>6}{'mean':>7}{'new/s':>8}")
+    for row in summary["table"]:
+        log(f"{row['scenario'] + '/' + row['view']:<14}{row['strategy']:<12}"
+            f"{row['rps']:>9.0f}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}"
+            f"{row['errors']:>8}{row['conn_peak']:>6}{row['conn_mean']:>7.1f}"
+            f"{row['new_conns_per_s']:>8.1f}")
+    if summary["features"]:
+        log("")
+        log("S5 session features served correctly:")
+        for strat, fs in summary["features"].items():
+            log(f"  {strat:<12}" + "  ".join(f"{f}={'yes' if ok else 'NO'}"
+                                              for f, ok in fs.items()))
+    if summary["pgbouncer_transaction_mode_breaks"] is not None:
+        log("PgBouncer transaction mode breaks: "
+            + (", ".join(summary["pgbouncer_transaction_mode_breaks"]) or "nothing"))
+    log("")
+    log("Targets:")
+    for t in summary["targets"]:
+        log(f"  [{t['status']:>7}] {t['target']}: {t['detail']}")
+    for s in summary["skipped"]:
+        log(f"  skipped {s['scenario']}/{s['view']} {s['strategy']}: {s['reason']}")
+
+
+# --------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="bench/run.py",
+        description="Run the same Django app under gunicorn with each connection strategy "
+                    "and report throughput, latency and the server's real connection count.",
+        epilog="Scenarios: " + "; ".join(f"{k}: {v['desc']}" for k, v in SCENARIOS.items()))
+    ap.add_argument("--quick", action="store_true",
+                    help="short runs (3 s each, S2 only the 10 ms view) to finish in < 3 min")
+    ap.add_argument("--scenarios", default=None,
+                    help="comma list of " + ",".join(SCENARIOS) + " (default: all)")
+    ap.add_argument("--strategies", default=None,
+                    help="comma list of " + ",".join(STRATEGIES) + " (default: all)")
+    ap.add_argument("--duration", type=int, default=None,
+                    help="seconds of load per run (default 15, --quick 3)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="repeat every run N times, interleaved; the summary uses medians")
+    ap.add_argument("--driver", choices=["psycopg2", "psycopg"], default="psycopg2",
+                    help="DB-API driver for the stock Django backend (default psycopg2, the "
+                         "driver sharedpool's backend uses)")
+    ap.add_argument("--out", default=None,
+                    help="results file (default bench/results/<utc stamp>-<mode>.jsonl)")
+    ap.add_argument("--no-summary", action="store_true", help="skip the summary file")
+    args = ap.parse_args(argv)
+    args.scenarios = [s.strip().upper() for s in (args.scenarios or ",".join(SCENARIOS)).split(",")
+                      if s.strip()]
+    args.strategies = [s.strip().lower() for s in
+                       (args.strategies or ",".join(STRATEGIES)).split(",") if s.strip()]
+    for s in args.scenarios:
+        if s not in SCENARIOS:
+            ap.error(f"unknown scenario {s!r}; known: {', '.join(SCENARIOS)}")
+    for s in args.strategies:
+        if s not in STRATEGIES:
+            ap.error(f"unknown strategy {s!r}; known: {', '.join(STRATEGIES)}")
+    if args.duration is None:
+        args.duration = 3 if args.quick else 15
+    if args.duration < 1:
+        ap.error("--duration must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not shutil.which("wrk"):
+        log("error: wrk not found; run bench/setup.sh (apt-get install wrk pgbouncer)")
+        return 2
+    mode = "quick" if args.quick else "full"
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    out = args.out or os.path.join(RESULTS_DIR, f"{stamp}-{mode}.jsonl")
+    ctx: dict = {"args": args, "mode": mode, "run_id": f"{stamp}-{mode}",
+                 "gunicorn": venv_bin("gunicorn"), "live": [],
+                 "harness_cmd": shlex.join([os.path.relpath(sys.executable, ROOT)
+                                            if sys.executable.startswith(ROOT) else sys.executable,
+                                            os.path.relpath(os.path.abspath(sys.argv[0]), ROOT),
+                                            *(sys.argv[1:] if argv is None else argv)])}
+    ok, reason = sharedpool_available(sys.executable)
+    ctx["sharedpool_ok"], ctx["sharedpool_reason"] = ok, reason
+    if "sharedpool" in args.strategies and not ok:
+        log(f"note: skipping strategy sharedpool: {reason}")
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    plan = []
+    for rep in range(1, args.repeat + 1):
+        for sc in args.scenarios:
+            views = SCENARIOS[sc]["views"]
+            if args.quick and sc == "S2":
+                views = [v for v in views if v[0] == "query10ms"]
+            for view, paths in views:
+                for strat in args.strategies:
+                    plan.append((sc, view, paths, strat, rep))
+    t_start = time.monotonic()
+    server = None
+    runs, skipped = [], []
+    try:
+        log(f"bench: {len(plan)} runs x {args.duration}s, results -> {os.path.relpath(out)}")
+        server = Server()
+        ctx["server"] = server
+        log(f"bench: PostgreSQL from {server.source} at {server.host}:{server.port}")
+        server.make_template()
+        ctx["versions"] = versions(server)
+        ctx["machine"] = machine_info()
+        for i, (sc, view, paths, strat, rep) in enumerate(plan, 1):
+            label = f"[{i:>2}/{len(plan)}] {sc}/{view:<9} {strat:<10}"
+            log(f"{label} running ({args.duration}s) ...")
+            t0 = time.monotonic()
+            try:
+                rec = run_one(ctx, sc, view, paths, strat, rep)
+            except Skip as e:
+                skipped.append({"scenario": sc, "view": view, "strategy": strat,
+                                "reason": str(e)})
+                log(f"{label} skipped: {e}")
+                continue
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # one broken run must not lose the others
+                skipped.append({"scenario": sc, "view": view, "strategy": strat,
+                                "reason": f"run failed: {type(e).__name__}: {e}"[:2000]})
+                log(f"{label} FAILED: {type(e).__name__}: {str(e)[:1500]}")
+                continue
+            rec["machine"] = ctx["machine"]
+            rec["versions"] = ctx["versions"]
+            rec["wall_s"] = round(time.monotonic() - t0, 2)
+            with open(out, "a") as f:
+                f.write(json.dumps(rec, sort_keys=True) + "\n")
+            runs.append(rec)
+            extra = ""
+            if "features" in rec:
+                bad = [f for f, ok in rec["features"]["served_correctly"].items() if not ok]
+                extra = "  broken: " + (", ".join(bad) if bad else "none")
+            log(f"{label} {rec['rps']:8.0f} req/s  p50 {rec['p50_ms']:6.2f} ms  "
+                f"p99 {rec['p99_ms']:7.2f} ms  err {rec['errors']:<5} conns peak "
+                f"{rec['conn_peak']:>2} mean {rec['conn_mean']:5.1f}  new/s "
+                f"{rec['new_conns_per_s']:7.1f}{extra}")
+    except KeyboardInterrupt:
+        log("bench: interrupted; cleaning up")
+        return 130
+    finally:
+        for p in list(ctx["live"]):
+            stop_group(p, signal.SIGKILL, grace=1)
+        if server is not None:
+            server.drop_all()
+            server.stop()
+        if runs and not args.no_summary:
+            summary = summarize(runs, skipped)
+            summary.update({"run_id": ctx["run_id"], "results": os.path.relpath(out, ROOT),
+                            "machine": ctx.get("machine"), "versions": ctx.get("versions"),
+                            "command": ctx["harness_cmd"],
+                            "wall_s": round(time.monotonic() - t_start, 1)})
+            spath = out[:-len(".jsonl")] + ".summary.json" if out.endswith(".jsonl") \
+                else out + ".summary.json"
+            with open(spath, "w") as f:
+                json.dump(summary, f, indent=1, sort_keys=True)
+            print_summary(summary)
+            log(f"\nbench: {len(runs)} runs in {time.monotonic() - t_start:.0f}s; "
+                f"results {os.path.relpath(out)}, summary {os.path.relpath(spath)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
