@@ -265,6 +265,10 @@ class Ledger:
         except FileNotFoundError:
             return False
 
+    def after_fork_in_child(self) -> None:
+        """The mapping stays valid; a lock another thread held at fork would not."""
+        self._thread_lock = threading.Lock()
+
     # -- registry ----------------------------------------------------------------
 
     @contextlib.contextmanager

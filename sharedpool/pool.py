@@ -1,0 +1,580 @@
+"""Keep this process's connections: a LIFO pool per target, under a per-host budget.
+
+Runs in the worker. ``ProcessBudget`` is this process's share of one pool
+NAME (its ledger slot, permits, per-process cap, shed listener); each
+``LocalPool`` holds the idle connections of one connection target (Django
+alias and database) and draws on its budget. Every open connection holds
+exactly one permit, taken before connect and posted after a synchronous
+close, so the server never sees more backends than the budget.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import select
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+
+from . import forksafe
+from .config import PoolConfig
+from .embedded import attach_or_start
+from .errors import PoolClosed, PoolTimeout
+from .ledger import FLAG_BACKENDS_LOCAL, MAX_BACKENDS
+from .permits import PermitGate
+from .pressure import ShedListener, request_shed
+
+log = logging.getLogger("sharedpool")
+
+CLOSE_WAIT = 2.0  # seconds to wait for the server to confirm a closed backend has exited
+SHED_PENDING_FOR = 1.0  # seconds a shed request waits for a busy connection to come back
+_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+_RESETTABLE = (psycopg2.extensions.TRANSACTION_STATUS_INTRANS, psycopg2.extensions.TRANSACTION_STATUS_INERROR)
+_LOCAL_HOSTS = frozenset(("localhost", "127.0.0.1", "::1"))
+
+
+class _Entry:
+    __slots__ = ("conn", "pool", "created", "last_used", "backend_index")
+
+    def __init__(self, conn: Any, pool: "LocalPool", now: float, backend_index: int) -> None:
+        self.conn = conn
+        self.pool = pool
+        self.created = now
+        self.last_used = now
+        self.backend_index = backend_index
+
+
+class ProcessBudget:
+    """This process's share of one pool NAME. Created lazily, in the process that uses it."""
+
+    _by_name: dict[str, "ProcessBudget"] = {}
+    _registry_lock = threading.Lock()
+
+    @classmethod
+    def for_config(cls, config: PoolConfig) -> "ProcessBudget":
+        with cls._registry_lock:
+            budget = cls._by_name.get(config.name)
+            if budget is None or budget.closed:
+                budget = cls._by_name[config.name] = cls(config)
+            elif budget.config.pool_size != config.pool_size:
+                from .errors import ConfigError
+
+                raise ConfigError(
+                    f"pool {config.name!r}: POOL_SIZE {config.pool_size} disagrees with "
+                    f"{budget.config.pool_size} configured earlier in this process"
+                )
+            return budget
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.max_open = config.max_per_process
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.pools: "weakref.WeakSet[LocalPool]" = weakref.WeakSet()
+        self.closed = False
+        self._reset_process_state()
+
+    def _reset_process_state(self) -> None:
+        self.pid = 0
+        self.ledger = None
+        self.gate: PermitGate | None = None
+        self.slot = None
+        self.listener: ShedListener | None = None
+        self.open = 0  # connections open or being opened by this process
+        self.idle = 0
+        self.in_use = 0
+        self.global_waiters = 0
+        self.shed_pending = 0
+        self.shed_pending_until = 0.0
+        self.backend_free = list(range(MAX_BACKENDS - 1, -1, -1))
+        self.all_local = True
+
+    # -- process lifecycle ---------------------------------------------------------
+
+    def ensure_ready(self) -> None:
+        """Attach and register in this process (first use, or first use after fork)."""
+        if self.pid:
+            return  # reset to 0 in a forked child
+        with self.lock:
+            if self.pid:
+                return
+            if self.closed:
+                raise PoolClosed(f"pool {self.name!r} is closed")
+            if self.ledger is None:
+                self.ledger = attach_or_start(self.config)
+            gate = PermitGate(self.ledger, on_pressure=self._on_pressure)
+            gate.register()
+            self.gate, self.slot = gate, gate.slot
+            interval = min(v for v in (self.config.max_idle, self.config.recycle, 60.0) if v is not None)
+            self.listener = ShedListener(self, os.getpid(), max(interval / 2, 0.5))
+            self.pid = os.getpid()
+
+    def forget_after_fork(self) -> None:
+        """Child after fork: drop the parent's connections and slot without any I/O."""
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        for pool in list(self.pools):
+            pool.forget_after_fork()
+        if self.gate is not None:
+            self.gate.forget()
+        ledger = self.ledger
+        self._reset_process_state()
+        if ledger is not None:
+            ledger.after_fork_in_child()
+        self.ledger = ledger  # the mapping and semaphore are inherited and valid here
+
+    def close(self) -> None:
+        """Close every connection of this process and free its slot (normal exit)."""
+        if self.pid != os.getpid():
+            return
+        for pool in list(self.pools):
+            pool.close()
+        with self.lock:
+            self.closed = True
+            if self.listener is not None:
+                self.listener.close()
+            if self.gate is not None:
+                self.gate.deregister()
+        self.pid = 0
+
+    # -- permits and the per-process cap ---------------------------------------------
+
+    def _publish(self) -> None:
+        """Mirror the counts into our slot (under self.lock)."""
+        slot = self.slot
+        if self.idle and not slot.idle:
+            slot.idle_since = time.time()
+        slot.idle = self.idle
+        slot.in_use = self.in_use
+
+    def _on_pressure(self) -> None:
+        request_shed(self.ledger, self.gate.slot_index)
+
+    def take_permit(self, deadline: float) -> None:
+        """Take one permit for a connection about to open (self.open already counted it)."""
+        gate = self.gate
+        if gate.try_acquire():
+            return
+        with self.lock:
+            self.global_waiters += 1
+        try:
+            gate.acquire(max(deadline - time.monotonic(), 0.0))
+        finally:
+            with self.lock:
+                self.global_waiters -= 1
+
+    def give_back(self, entry: _Entry | None) -> None:
+        """Account a closed (or never opened) connection and post its permit."""
+        with self.lock:
+            self.open -= 1
+            if entry is not None:
+                self.slot.backends[entry.backend_index] = 0
+                self.backend_free.append(entry.backend_index)
+                self.slot.closed += 1
+            self.cond.notify()
+        self.gate.release()
+
+    def should_hand_over(self) -> bool:
+        """Tell whether a returned connection should be closed for a waiter (under self.lock)."""
+        if self.global_waiters:
+            return True
+        if self.shed_pending:
+            if time.monotonic() < self.shed_pending_until:
+                self.shed_pending -= 1
+                self.slot.sheds += 1
+                return True
+            self.shed_pending = 0
+        return False
+
+    # -- shedding and expiry (listener thread) ---------------------------------------
+
+    def shed_one(self) -> None:
+        """Close the least recently used idle connection for a waiter elsewhere."""
+        if self.pid != os.getpid():
+            return
+        with self.lock:
+            entry = self._pop_lru_idle()
+            if entry is None:
+                if self.in_use:
+                    self.shed_pending = min(self.shed_pending + 1, self.in_use)
+                    self.shed_pending_until = time.monotonic() + SHED_PENDING_FOR
+                return
+            self.slot.sheds += 1
+        entry.pool._close_entry(entry)
+
+    def _pop_lru_idle(self, exclude: "LocalPool | None" = None) -> _Entry | None:
+        victim = None
+        for pool in self.pools:
+            if pool is not exclude and pool._idle and (victim is None or pool._idle[0].last_used < victim._idle[0].last_used):
+                victim = pool
+        if victim is None:
+            return None
+        entry = victim._idle.pop(0)
+        self.idle -= 1
+        self._publish()
+        return entry
+
+    def maintain(self) -> None:
+        """Close idle connections past MAX_IDLE (above MIN_IDLE) or RECYCLE."""
+        if self.pid != os.getpid():
+            return
+        now = time.monotonic()
+        max_idle, recycle, keep = self.config.max_idle, self.config.recycle, self.config.min_idle
+        expired = []
+        with self.lock:
+            for pool in self.pools:
+                for entry in list(pool._idle):
+                    stale = recycle is not None and now - entry.created >= recycle
+                    unused = max_idle is not None and now - entry.last_used >= max_idle and self.idle > keep
+                    if stale or unused:
+                        pool._idle.remove(entry)
+                        self.idle -= 1
+                        expired.append(entry)
+            if expired:
+                self._publish()
+        for entry in expired:
+            entry.pool._close_entry(entry)
+
+
+class LocalPool:
+    """Thread-safe pool of psycopg2 connections to one target, inside one process.
+
+    Runs in the worker. Connections come back with ``putconn`` (rolled back, or
+    discarded if broken); the pool may be used before and after fork.
+    """
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        dsn: str | None = None,
+        *,
+        connect: Callable[..., Any] = psycopg2.connect,
+        **connect_kwargs: Any,
+    ) -> None:
+        self.config = config
+        self.budget = ProcessBudget.for_config(config)
+        self.budget.pools.add(self)
+        self._connect = connect
+        self._connect_args = (dsn,) if dsn is not None else ()
+        self._connect_kwargs = _with_server_options(config, connect_kwargs)
+        self._idle: list[_Entry] = []  # LIFO: the warmest connection is at the end
+        self._out: dict[int, _Entry] = {}
+        self._stats = dict.fromkeys(STAT_KEYS, 0)
+
+    # -- checkout ----------------------------------------------------------------------
+
+    def getconn(self, timeout: float | None = None) -> Any:
+        """Check a connection out, waiting at most ``timeout`` (default TIMEOUT) seconds."""
+        budget = self.budget
+        budget.ensure_ready()
+        self._stats["requests_num"] += 1
+        deadline = time.monotonic() + (self.config.timeout if timeout is None else timeout)
+        while True:
+            entry = self._take_idle_or_reserve(deadline)
+            if entry is None:
+                return self._open_new(deadline)
+            if self._still_good(entry):
+                self._out[id(entry.conn)] = entry
+                return entry.conn
+            self._close_entry(entry, lost=True)
+
+    def _take_idle_or_reserve(self, deadline: float) -> _Entry | None:
+        """Pop the warmest idle connection, or count a new one in; wait at the cap."""
+        budget = self.budget
+        with budget.lock:
+            waited = False
+            while True:
+                idle = self._idle
+                if idle:
+                    entry = idle.pop()
+                    budget.idle -= 1
+                    budget.in_use += 1
+                    budget._publish()
+                    return entry
+                if budget.open < budget.max_open:
+                    budget.open += 1
+                    budget.in_use += 1
+                    budget._publish()
+                    return None
+                other = budget._pop_lru_idle(exclude=self)
+                if other is not None:
+                    budget.lock.release()
+                    try:
+                        other.pool._close_entry(other)
+                    finally:
+                        budget.lock.acquire()
+                    continue
+                remaining = deadline - time.monotonic()
+                if not waited:
+                    self._stats["requests_waiting"] += 1
+                    waited = True
+                if remaining <= 0 or not budget.cond.wait(remaining):
+                    if self._idle or budget.open < budget.max_open:
+                        continue
+                    self._stats["requests_errors"] += 1
+                    raise PoolTimeout(
+                        f"pool {self.config.name!r}: no connection after {self.config.timeout:.1f} s "
+                        f"(MAX_PER_PROCESS {budget.max_open} reached in process {os.getpid()}: "
+                        f"{budget.in_use} in use, {budget.idle} idle)"
+                    )
+
+    def _open_new(self, deadline: float) -> Any:
+        budget = self.budget
+        started = time.monotonic()
+        try:
+            budget.take_permit(deadline)
+        except BaseException:
+            with budget.lock:
+                budget.open -= 1
+                budget.in_use -= 1
+                budget._publish()
+                budget.cond.notify()
+            self._stats["requests_errors"] += 1
+            raise
+        waited_ms = (time.monotonic() - started) * 1000.0
+        if waited_ms >= 1.0:
+            self._stats["requests_wait_ms"] += int(waited_ms)
+        slot = budget.slot
+        with budget.lock:
+            slot.connecting += 1
+        try:
+            conn = self._connect(*self._connect_args, **self._connect_kwargs)
+        except BaseException:
+            with budget.lock:
+                slot.connecting -= 1
+                budget.in_use -= 1
+                budget._publish()
+            self._stats["connections_errors"] += 1
+            budget.give_back(None)
+            raise
+        backend_pid = conn.info.backend_pid
+        local = _backend_is_local(conn, backend_pid)
+        with budget.lock:
+            index = budget.backend_free.pop()
+            slot.backends[index] = backend_pid
+            slot.connecting -= 1
+            slot.opened += 1
+            if not local:
+                budget.all_local = False
+            if budget.all_local:
+                slot.flags |= FLAG_BACKENDS_LOCAL
+            else:
+                slot.flags &= ~FLAG_BACKENDS_LOCAL
+        entry = _Entry(conn, self, time.monotonic(), index)
+        self._stats["connections_num"] += 1
+        self._out[id(conn)] = entry
+        return conn
+
+    def _still_good(self, entry: _Entry) -> bool:
+        now = time.monotonic()
+        conn = entry.conn
+        if conn.closed:
+            return False
+        recycle = self.config.recycle
+        if recycle is not None and now - entry.created >= recycle:
+            return False
+        pre_ping = self.config.pre_ping
+        if pre_ping is not None and now - entry.last_used >= pre_ping:
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+                if not conn.autocommit:
+                    conn.rollback()
+            except psycopg2.Error:
+                return False
+        return True
+
+    # -- return ------------------------------------------------------------------------
+
+    def putconn(self, conn: Any, *, discard: bool = False) -> None:
+        """Give a connection back: rolled back and kept, or closed if broken or asked for."""
+        entry = self._out.pop(id(conn), None)
+        if entry is None:
+            return  # dropped after fork, or already returned
+        if not discard and not conn.closed:
+            status = conn.info.transaction_status
+            if status != _IDLE:
+                if status in _RESETTABLE:
+                    try:
+                        conn.rollback()
+                    except psycopg2.Error:
+                        discard = True
+                else:
+                    discard = True
+            if discard:
+                self._stats["returns_bad"] += 1
+        else:
+            discard = True
+        budget = self.budget
+        with budget.lock:
+            if not discard and not budget.should_hand_over() and not self.budget.closed:
+                entry.last_used = time.monotonic()
+                self._idle.append(entry)
+                budget.idle += 1
+                budget.in_use -= 1
+                budget._publish()
+                budget.cond.notify()
+                return
+            budget.in_use -= 1
+            budget._publish()
+        self._close_entry(entry)
+
+    @contextlib.contextmanager
+    def connection(self, timeout: float | None = None) -> Iterator[Any]:
+        """Check out for a block; roll back on error, return on exit."""
+        conn = self.getconn(timeout)
+        try:
+            yield conn
+        except BaseException:
+            if not conn.closed:
+                with contextlib.suppress(psycopg2.Error):
+                    conn.rollback()
+            raise
+        finally:
+            self.putconn(conn)
+
+    # -- closing -----------------------------------------------------------------------
+
+    def _close_entry(self, entry: _Entry, *, lost: bool = False) -> None:
+        """Close synchronously, then give the permit back (never the other way round)."""
+        if lost:
+            self._stats["connections_lost"] += 1
+            with self.budget.lock:
+                self.budget.in_use -= 1
+                self.budget._publish()
+        close_synchronously(entry.conn)
+        self.budget.give_back(entry)
+
+    def close(self) -> None:
+        """Close the idle connections; checked-out ones close when returned."""
+        with self.budget.lock:
+            idle, self._idle = self._idle, []
+            self.budget.idle -= len(idle)
+            if self.budget.slot is not None:
+                self.budget._publish()
+        for entry in idle:
+            self._close_entry(entry)
+
+    def forget_after_fork(self) -> None:
+        for entry in [*self._idle, *self._out.values()]:
+            drop_without_io(entry.conn)
+        self._idle = []
+        self._out = {}
+        self._stats = dict.fromkeys(STAT_KEYS, 0)
+
+    # -- stats -------------------------------------------------------------------------
+
+    def get_stats(self) -> dict[str, int]:
+        """Counters since start plus current gauges (psycopg_pool's ``get_stats`` keys)."""
+        budget = self.budget
+        return {
+            **self._stats,
+            "pool_max": budget.max_open,
+            "pool_size": budget.open,
+            "pool_available": len(self._idle),
+            "pool_in_use": len(self._out),
+            "budget": self.config.pool_size,
+        }
+
+    def pop_stats(self) -> dict[str, int]:
+        stats = self.get_stats()
+        self._stats = dict.fromkeys(STAT_KEYS, 0)
+        return stats
+
+
+STAT_KEYS = (
+    "requests_num",
+    "requests_waiting",
+    "requests_wait_ms",
+    "requests_errors",
+    "returns_bad",
+    "connections_num",
+    "connections_errors",
+    "connections_lost",
+)
+
+
+def close_synchronously(conn: Any) -> None:
+    """Close and wait until the server side is gone, so its permit is really free.
+
+    PostgreSQL keeps a backend's socket open until the process has exited
+    (pqcomm.c, "synchronous close"), so EOF on a duplicate of our socket means
+    the backend no longer counts against max_connections.
+    """
+    try:
+        fd = os.dup(conn.fileno())
+    except (psycopg2.Error, OSError, ValueError):
+        fd = -1
+    with contextlib.suppress(psycopg2.Error):
+        conn.close()
+    if fd < 0:
+        return
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        poller.poll(CLOSE_WAIT * 1000)
+    finally:
+        os.close(fd)
+
+
+def drop_without_io(conn: Any) -> None:
+    """Forget an inherited connection without a byte reaching its server.
+
+    Closing a psycopg2 connection sends Terminate, which would end the parent's
+    session; pointing our copy of the descriptor at /dev/null first makes the
+    close harmless to the parent.
+    """
+    if conn.closed:
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, conn.fileno())
+    finally:
+        os.close(devnull)
+    with contextlib.suppress(psycopg2.Error):
+        conn.close()
+
+
+def _with_server_options(config: PoolConfig, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Tag connections and let the server drop the backends of dead workers quickly."""
+    kwargs = dict(kwargs)
+    kwargs.setdefault("application_name", f"sharedpool/{config.name}")
+    if config.check_interval is not None:
+        option = f"-c client_connection_check_interval={int(config.check_interval * 1000)}"
+        kwargs["options"] = f"{kwargs['options']} {option}" if kwargs.get("options") else option
+    return kwargs
+
+
+def _backend_is_local(conn: Any, backend_pid: int) -> bool:
+    """Tell whether this host's /proc shows the backend, so the coordinator can watch it exit."""
+    host = conn.info.host or ""
+    if not (host.startswith("/") or host in _LOCAL_HOSTS):
+        return False
+    try:
+        with open(f"/proc/{backend_pid}/comm", "rb") as f:
+            return f.read().startswith(b"postgres")
+    except OSError:
+        return False
+
+
+def _forget_all_after_fork() -> None:
+    for budget in list(ProcessBudget._by_name.values()):
+        budget.forget_after_fork()
+
+
+def close_all() -> None:
+    """Close this process's pools and free its slots (at exit, or from a server hook)."""
+    for budget in list(ProcessBudget._by_name.values()):
+        budget.close()
+
+
+forksafe.register(_forget_all_after_fork)
+atexit.register(close_all)
