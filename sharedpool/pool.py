@@ -35,6 +35,7 @@ log = logging.getLogger("sharedpool")
 
 CLOSE_WAIT = 2.0  # seconds to wait for the server to confirm a closed backend has exited
 SHED_PENDING_FOR = 1.0  # seconds a shed request waits for a busy connection to come back
+HANDOVER_YIELD = 0.005  # seconds a process that just handed a permit over lets the waiter take it
 _IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _RESETTABLE = (psycopg2.extensions.TRANSACTION_STATUS_INTRANS, psycopg2.extensions.TRANSACTION_STATUS_INERROR)
 _LOCAL_HOSTS = frozenset(("localhost", "127.0.0.1", "::1"))
@@ -94,6 +95,7 @@ class ProcessBudget:
         self.global_waiters = 0
         self.shed_pending = 0
         self.shed_pending_until = 0.0
+        self.handed_over_at = 0.0
         self.backend_free = list(range(MAX_BACKENDS - 1, -1, -1))
         self.all_local = True
 
@@ -161,6 +163,10 @@ class ProcessBudget:
     def take_permit(self, deadline: float) -> None:
         """Take one permit for a connection about to open (self.open already counted it)."""
         gate = self.gate
+        since_handover = time.monotonic() - self.handed_over_at
+        if since_handover < HANDOVER_YIELD:
+            # a semaphore is not FIFO: let the waiter we just woke take the permit first
+            time.sleep(HANDOVER_YIELD - since_handover)
         if gate.try_acquire():
             return
         with self.lock:
@@ -187,9 +193,11 @@ class ProcessBudget:
         if self.global_waiters:
             return True
         if self.shed_pending:
-            if time.monotonic() < self.shed_pending_until:
+            now = time.monotonic()
+            if now < self.shed_pending_until:
                 self.shed_pending -= 1
                 self.slot.sheds += 1
+                self.handed_over_at = now
                 return True
             self.shed_pending = 0
         return False
@@ -208,6 +216,7 @@ class ProcessBudget:
                     self.shed_pending_until = time.monotonic() + SHED_PENDING_FOR
                 return
             self.slot.sheds += 1
+            self.handed_over_at = time.monotonic()
         entry.pool._close_entry(entry)
 
     def _pop_lru_idle(self, exclude: "LocalPool | None" = None) -> _Entry | None:

@@ -38,7 +38,7 @@ def choose_victim(ledger: Ledger, own_index: int) -> int:
         if idle:
             key = (0, -idle, slot.idle_since)
         elif not slot.waiting:
-            key = (1, -slot.held, 0.0)
+            key = (1, -slot.held, slot.shed_requests)  # spread requests over equal holders
         else:
             continue
         if best_key is None or key < best_key:

@@ -1,0 +1,27 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: help venv test test-fast demo bench bench-quick django-suite clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(STAMP)  ## create .venv with the package and its test extras
+
+test: $(STAMP)  ## run the whole test suite against a throwaway PostgreSQL (or DATABASE_URL)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)  ## the suite without the slow real-process tests
+	$(PY) -m pytest -q -m 'not slow'
+
+clean:  ## remove the venv and caches
+	rm -rf $(VENV) .pytest_cache *.egg-info

@@ -1,0 +1,250 @@
+"""LocalPool against a real PostgreSQL and a real coordinator: checkout, limits, health, threads, fork."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import psycopg2
+import pytest
+
+from sharedpool import LocalPool, PoolConfig, PoolTimeout
+from sharedpool.ledger import Ledger
+from tests.poolkit import ServerSampler, backends, coordinator, finish, read_line, start_worker, wait_until
+
+
+@pytest.fixture
+def make_pool(dsn, unique_name):
+    """Build pools on a fresh coordinator; close them and check no permit leaked."""
+    made = []
+    with coordinator(unique_name, 4) as coord:
+
+        def make(**options):
+            config = PoolConfig(name=unique_name, pool_size=options.pop("pool_size", 4), **options)
+            pool = LocalPool(config, dsn)
+            made.append(pool)
+            return pool
+
+        make.coordinator = coord
+        yield make
+        for pool in made:
+            pool.budget.close()
+        ledger = Ledger.attach(unique_name)
+        try:
+            assert wait_until(lambda: ledger.sem.value == ledger.header.budget), "permits leaked"
+        finally:
+            ledger.close()
+
+
+def backend_pid(conn) -> int:
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        return cur.fetchone()[0]
+
+
+def test_checkout_reuses_the_warmest_connection_first(make_pool):
+    pool = make_pool()
+    a, b = pool.getconn(), pool.getconn()
+    pid_a, pid_b = backend_pid(a), backend_pid(b)
+    pool.putconn(a)
+    pool.putconn(b)
+    assert backend_pid(pool.getconn()) == pid_b  # LIFO: last returned, first out
+    assert pool.get_stats()["connections_num"] == 2
+    assert pid_a != pid_b
+
+
+def test_connection_context_rolls_back_on_error(make_pool):
+    pool = make_pool()
+    with pytest.raises(ZeroDivisionError):
+        with pool.connection() as conn:
+            with conn.cursor() as cur:
+                cur.execute("CREATE TEMP TABLE t (x int)")
+            1 / 0
+    with pool.connection() as conn, conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('pg_temp.t')")
+        assert cur.fetchone()[0] is None  # rolled back, same session
+    assert pool.get_stats()["connections_num"] == 1
+
+
+def test_failed_transaction_is_rolled_back_on_return(make_pool):
+    pool = make_pool()
+    conn = pool.getconn()
+    with pytest.raises(psycopg2.errors.DivisionByZero):
+        conn.cursor().execute("SELECT 1/0")
+    pool.putconn(conn)
+    again = pool.getconn()
+    assert again is conn
+    assert again.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+
+
+def test_max_per_process_and_timeout_message(make_pool):
+    pool = make_pool(max_per_process=2, timeout=0.2)
+    held = [pool.getconn(), pool.getconn()]
+    with pytest.raises(PoolTimeout, match=r"MAX_PER_PROCESS 2 reached .*2 in use, 0 idle"):
+        pool.getconn()
+    for conn in held:
+        pool.putconn(conn)
+
+
+def test_budget_timeout_names_the_holders(make_pool, dsn, unique_name):
+    pool = make_pool(pool_size=4, timeout=0.3)
+    holder = start_worker(
+        f"""
+        import sys
+        from sharedpool import LocalPool, PoolConfig
+        pool = LocalPool(PoolConfig(name={unique_name!r}, pool_size=4), {dsn!r})
+        conns = [pool.getconn() for _ in range(4)]
+        print("held", flush=True)
+        sys.stdin.read()
+        """
+    )
+    assert read_line(holder) == "held"
+    started = time.monotonic()
+    with pytest.raises(PoolTimeout) as info:
+        pool.getconn()
+    assert time.monotonic() - started < 5  # bounded wait
+    text = str(info.value)
+    assert f"pool {unique_name!r}: no permit after 0.3 s (budget 4" in text
+    assert f"pid {holder.pid} held 4 (idle 0, in use 4)" in text
+    finish(holder)
+
+
+def test_recycle_replaces_old_connections(make_pool):
+    pool = make_pool(recycle=0.2)
+    conn = pool.getconn()
+    first = backend_pid(conn)
+    pool.putconn(conn)
+    time.sleep(0.3)
+    conn = pool.getconn()
+    assert backend_pid(conn) != first
+    pool.putconn(conn)
+
+
+def test_idle_connections_expire_after_max_idle(make_pool, dsn, unique_name):
+    pool = make_pool(max_idle=0.4, min_idle=1)
+    conns = [pool.getconn() for _ in range(3)]
+    for conn in conns:
+        pool.putconn(conn)
+    assert backends(dsn, unique_name) == 3
+    # the listener thread expires them; MIN_IDLE keeps one
+    assert wait_until(lambda: backends(dsn, unique_name) == 1, timeout=5)
+    assert pool.get_stats()["pool_available"] == 1
+
+
+def test_pre_ping_replaces_a_terminated_backend(make_pool, dsn):
+    pool = make_pool(pre_ping=0)
+    conn = pool.getconn()
+    victim = backend_pid(conn)
+    pool.putconn(conn)
+    admin = psycopg2.connect(dsn)
+    admin.autocommit = True
+    admin.cursor().execute("SELECT pg_terminate_backend(%s)", (victim,))
+    admin.close()
+    conn = pool.getconn()
+    assert backend_pid(conn) != victim
+    assert pool.get_stats()["connections_lost"] == 1
+    pool.putconn(conn)
+
+
+def test_server_restart_loses_no_permit(make_pool, pg, unique_name):
+    pool = make_pool(pre_ping=None)
+    conns = [pool.getconn() for _ in range(3)]
+    pool.putconn(conns[0])
+    pg.restart()
+    # a checked-out connection breaks in use; returning it discards it and frees its permit
+    with pytest.raises(psycopg2.OperationalError):
+        conns[1].cursor().execute("SELECT 1")
+    pool.putconn(conns[1])
+    pool.putconn(conns[2])
+    ledger = Ledger.attach(unique_name)
+    try:
+        slot = ledger.slots[pool.budget.gate.slot_index]
+        assert slot.held == pool.budget.open == 2  # the idle ones still count until noticed
+        pool.close()
+        assert ledger.sem.value == 4
+    finally:
+        ledger.close()
+    with pool.connection() as conn, conn.cursor() as cur:  # and the pool serves again
+        cur.execute("SELECT 1")
+
+
+def test_sixteen_threads_share_four_connections(make_pool, dsn, unique_name):
+    pool = make_pool(pool_size=4, max_per_process=4, timeout=30)
+    done, errors = [], []
+
+    def work():
+        try:
+            for _ in range(15):
+                with pool.connection() as conn, conn.cursor() as cur:
+                    cur.execute("SELECT pg_sleep(0.005)")
+            done.append(1)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with ServerSampler(dsn, unique_name) as sampler:
+        threads = [threading.Thread(target=work) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors
+    assert len(done) == 16
+    assert 0 < sampler.peak <= 4
+    assert pool.get_stats()["connections_num"] <= 4
+
+
+def test_fork_child_uses_its_own_connections_and_permits(make_pool, unique_name):
+    pool = make_pool(pool_size=4)
+    kept = pool.getconn()
+    idle = pool.getconn()
+    parent_pids = {backend_pid(kept), backend_pid(idle)}
+    pool.putconn(idle)
+    read_fd, write_fd = os.pipe()
+    children = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                os.close(read_fd)
+                ledger = pool.budget.ledger
+                assert pool.get_stats()["pool_available"] == 0  # nothing inherited
+                with pool.connection() as conn:
+                    child_backend = backend_pid(conn)
+                    slot = ledger.slots[pool.budget.gate.slot_index]
+                    assert slot.pid == os.getpid() and slot.held == 1
+                    os.write(write_fd, f"{child_backend}\n".encode())
+                code = 0
+            finally:
+                os._exit(code) if code else None
+            pool.budget.close()
+            os._exit(0)
+        children.append(pid)
+    os.close(write_fd)
+    for pid in children:
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    child_backends = {int(line) for line in os.fdopen(read_fd).read().split()}
+    assert len(child_backends) == 2 and not child_backends & parent_pids
+    # the parent's sessions survived the children's exits
+    assert backend_pid(kept) in parent_pids
+    again = pool.getconn()
+    assert backend_pid(again) in parent_pids
+    pool.putconn(again)
+    pool.putconn(kept)
+    ledger = pool.budget.ledger
+    assert wait_until(lambda: ledger.sem.value == 4 - pool.budget.open)
+
+
+def test_a_killed_child_returns_its_permits(make_pool, unique_name):
+    pool = make_pool(pool_size=4)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        conns = [pool.getconn() for _ in range(3)]
+        time.sleep(60)
+        os._exit(0)
+    ledger = pool.budget.ledger if pool.budget.ledger else Ledger.attach(unique_name)
+    assert wait_until(lambda: ledger.sem.value == 1, timeout=10)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    assert wait_until(lambda: ledger.sem.value == 4, timeout=2)
