@@ -66,7 +66,8 @@ SCENARIOS: dict[str, dict] = {
                views=[("skew", "/read:90,/slow?ms=50:10")], connections=32),
     "S4": dict(desc="reload storm: sync, 8 workers, budget 8, HUP every 2 s, --max-requests 50",
                worker_class="sync", workers=8, threads=1, budget=8,
-               views=[("read", "/read")], connections=16, hup_every=2.0, max_requests=50),
+               views=[("read", "/read")], connections=16, hup_every=2.0, max_requests=50,
+               min_duration=5),
     "S5": dict(desc="session features: server-side cursor, SET LOCAL, advisory lock, "
                     "prepared statement (+ plain SET); sync, 8 workers, budget 4",
                worker_class="sync", workers=8, threads=1, budget=4,
@@ -302,16 +303,17 @@ log_disconnections = 0
         with open(self.ini, "w") as f:
             f.write(conf)
         argv = [shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", self.ini]
+        kw = {}
         if os.geteuid() == 0:  # pgbouncer refuses to run as root
             import pwd
             pwent = pwd.getpwnam("postgres")
             for p in (workdir, self.dir, self.ini):
                 os.chown(p, pwent.pw_uid, pwent.pw_gid)
-            argv = ["runuser", "-u", "postgres", "--", *argv]
+            kw = dict(user=pwent.pw_uid, group=pwent.pw_gid, extra_groups=[])
         self.argv = argv
         self.conf = conf
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+                                     stderr=subprocess.DEVNULL, start_new_session=True, **kw)
         deadline = time.monotonic() + 10
         while True:
             with contextlib.suppress(OSError):
@@ -355,6 +357,26 @@ def run_wrk(port: int, paths: str, connections: int, duration: int, timeout_s: i
     if proc.returncode != 0 or not m:
         raise RuntimeError(f"wrk failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return json.loads(m.group(1)), cmd, "BENCH_PATHS=" + shlex.quote(paths)
+
+
+def warm(port: int, path: str, concurrency: int, total: int) -> None:
+    left = [total]
+    lock = threading.Lock()
+
+    def worker():
+        while True:
+            with lock:
+                if left[0] <= 0:
+                    return
+                left[0] -= 1
+            with contextlib.suppress(Exception):
+                http_get(port, path, timeout=30)
+
+    ths = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
 
 
 def probe_features(port: int, concurrency: int, duration: float) -> dict:
@@ -466,7 +488,7 @@ def run_one(ctx: dict, scenario: str, view: str, paths: str, strategy: str, rep:
     sc = SCENARIOS[scenario]
     server: Server = ctx["server"]
     args = ctx["args"]
-    duration = args.duration
+    duration = max(args.duration, sc.get("min_duration", 0))
     budget, workers, threads = sc["budget"], sc["workers"], sc["threads"]
     rec: dict = {
         "kind": "run", "run_id": ctx["run_id"], "started_at": _dt.datetime.now(
@@ -549,11 +571,10 @@ def run_one(ctx: dict, scenario: str, view: str, paths: str, strategy: str, rep:
             if gun.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("gunicorn did not come up:\n" + tail(workdir, "gunicorn.log"))
             time.sleep(0.1)
-        # warm-up: every worker imports, connects (where it keeps connections)
-        first_path = paths.split(",")[0].rsplit(":", 1)[0] if ":" in paths.split(",")[0] \
-            else paths.split(",")[0]
-        with contextlib.suppress(Exception):
-            run_wrk(port, first_path, min(sc["connections"], workers * threads), 1)
+        # warm-up: workers import the app and connect (where they keep connections)
+        first = paths.split(",")[0]
+        warm(port, first.rsplit(":", 1)[0] if re.search(r":\d+$", first) else first,
+             workers * threads, 4 * workers * threads)
 
         sampler = Sampler(server)
         sessions0 = sessions_count(server)
@@ -736,37 +757,60 @@ def summarize(runs: list[dict], skipped: list[dict]) -> dict:
         return max(r["conn_peak"] for r in rs) if rs else None
 
     targets = []
+    ran = {sc for sc, _, _ in by} | {s["scenario"] for s in skipped}
+    ran_views = {(sc, v) for sc, v, _ in by} | {(s["scenario"], s["view"]) for s in skipped}
 
     def add(tid, text, ok, detail, missing=None):
         status = "not run" if missing else ("pass" if ok else "FAIL")
+        if missing:
+            reasons = {s["reason"] for s in skipped if s["strategy"] in missing}
+            if reasons:
+                missing += " (skipped: " + "; ".join(sorted(reasons))[:300] + ")"
         targets.append({"id": tid, "target": text, "status": status,
                         "detail": missing or detail})
 
+    def paired(sc, view, a, b, key):
+        """Median over repetitions of a/b, each ratio taken within one
+        repetition (the two runs were adjacent in time): the machine's slow
+        drift cancels out. Also the medians of a and b."""
+        ra = {r["repeat"]: r[key] for r in by.get((sc, view, a), [])}
+        rb = {r["repeat"]: r[key] for r in by.get((sc, view, b), [])}
+        ratios = [ra[k] / rb[k] for k in ra if k in rb and rb[k]]
+        if not ratios:
+            return None
+        return statistics.median(ratios), statistics.median(ra.values()), \
+            statistics.median(rb.values()), len(ratios)
+
     # S1
-    sp, pe = m("S1", "read", "sharedpool", "rps"), m("S1", "read", "persistent", "rps")
-    sp99, pe99 = m("S1", "read", "sharedpool", "p99_ms"), m("S1", "read", "persistent", "p99_ms")
-    miss = None if sp is not None and pe else "needs S1 sharedpool and persistent runs"
-    add("S1-throughput", "S1: sharedpool >= 0.98x persistent throughput",
-        miss is None and sp / pe >= 0.98,
-        miss or f"{sp:.0f} vs {pe:.0f} req/s = {sp / pe:.3f}x", miss)
-    add("S1-p99", "S1: sharedpool p99 <= 1.1x persistent p99",
-        miss is None and pe99 and sp99 / pe99 <= 1.1,
-        miss or f"{sp99:.2f} vs {pe99:.2f} ms = {sp99 / pe99:.3f}x" if pe99 else "p99 0", miss)
+    if "S1" in ran:
+        tp = paired("S1", "read", "sharedpool", "persistent", "rps")
+        lat = paired("S1", "read", "sharedpool", "persistent", "p99_ms")
+        miss = None if tp and lat else "needs S1 sharedpool and persistent runs"
+        add("S1-throughput", "S1: sharedpool >= 0.98x persistent throughput",
+            tp is not None and tp[0] >= 0.98,
+            tp and f"{tp[1]:.0f} vs {tp[2]:.0f} req/s; paired ratio {tp[0]:.3f}x (n={tp[3]})",
+            miss)
+        add("S1-p99", "S1: sharedpool p99 <= 1.1x persistent p99",
+            lat is not None and lat[0] <= 1.1,
+            lat and f"{lat[1]:.2f} vs {lat[2]:.2f} ms; paired ratio {lat[0]:.3f}x (n={lat[3]})",
+            miss)
     # S2
-    for view in [v for v, _ in SCENARIOS["S2"]["views"]]:
+    for view in [v for v, _ in SCENARIOS["S2"]["views"] if ("S2", v) in ran_views]:
         b = SCENARIOS["S2"]["budget"]
         pk = peak("S2", view, "sharedpool")
         add(f"S2-{view}-cap", f"S2 {view}: sharedpool peak server connections <= budget {b}",
             pk is not None and pk <= b, f"peak {pk}",
             None if pk is not None else "needs S2 sharedpool run")
-        sp, pb = m("S2", view, "sharedpool", "rps"), m("S2", view, "pgbouncer", "rps")
-        miss = None if sp is not None and pb else "needs S2 sharedpool and pgbouncer runs"
+        tp = paired("S2", view, "sharedpool", "pgbouncer", "rps")
         add(f"S2-{view}-vs-pgbouncer", f"S2 {view}: sharedpool >= 0.9x PgBouncer throughput",
-            miss is None and sp / pb >= 0.9,
-            miss or f"{sp:.0f} vs {pb:.0f} req/s = {sp / pb:.3f}x", miss)
+            tp is not None and tp[0] >= 0.9,
+            tp and f"{tp[1]:.0f} vs {tp[2]:.0f} req/s; paired ratio {tp[0]:.3f}x (n={tp[3]})",
+            None if tp else "needs S2 sharedpool and pgbouncer runs")
     # S4
     b = SCENARIOS["S4"]["budget"]
     for strat, want_le in (("sharedpool", True), ("pgbouncer", True), ("persistent", False)):
+        if "S4" not in ran:
+            break
         pk = peak("S4", "read", strat)
         text = (f"S4: {strat} peak server connections <= budget {b}" if want_le
                 else f"S4: {strat} peak server connections exceed budget {b}")
@@ -779,7 +823,9 @@ def summarize(runs: list[dict], skipped: list[dict]) -> dict:
         if rs:
             feats[strat] = {f: all(r["features"]["served_correctly"][f] for r in rs)
                             for f in FEATURES}
-    if "sharedpool" in feats:
+    if "S5" not in ran:
+        pass
+    elif "sharedpool" in feats:
         bad = [f for f in REQUIRED_FEATURES if not feats["sharedpool"][f]]
         add("S5-sharedpool", "S5: sharedpool serves every session feature", not bad,
             "all served" if not bad else "broken: " + ", ".join(bad))
@@ -837,7 +883,7 @@ def parse_args(argv=None):
                     "and report throughput, latency and the server's real connection count.",
         epilog="Scenarios: " + "; ".join(f"{k}: {v['desc']}" for k, v in SCENARIOS.items()))
     ap.add_argument("--quick", action="store_true",
-                    help="short runs (3 s each, S2 only the 10 ms view) to finish in < 3 min")
+                    help="short runs (2 s each, S4 5 s, S2 only the 10 ms view) to finish in < 3 min")
     ap.add_argument("--scenarios", default=None,
                     help="comma list of " + ",".join(SCENARIOS) + " (default: all)")
     ap.add_argument("--strategies", default=None,
@@ -864,7 +910,7 @@ def parse_args(argv=None):
         if s not in STRATEGIES:
             ap.error(f"unknown strategy {s!r}; known: {', '.join(STRATEGIES)}")
     if args.duration is None:
-        args.duration = 3 if args.quick else 15
+        args.duration = 2 if args.quick else 15
     if args.duration < 1:
         ap.error("--duration must be >= 1")
     return args
@@ -901,7 +947,8 @@ def main(argv=None) -> int:
             if args.quick and sc == "S2":
                 views = [v for v in views if v[0] == "query10ms"]
             for view, paths in views:
-                for strat in args.strategies:
+                k = (rep - 1) % len(args.strategies)  # rotate the order per repetition
+                for strat in args.strategies[k:] + args.strategies[:k]:
                     plan.append((sc, view, paths, strat, rep))
     t_start = time.monotonic()
     server = None

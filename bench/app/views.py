@@ -11,7 +11,7 @@ import os
 import random
 import secrets
 
-from django.db import DatabaseError, connection, transaction
+from django.db import connection, transaction
 from django.http import JsonResponse
 
 from .models import Item
@@ -130,7 +130,7 @@ def session(request):
     for name, fn in FEATURES.items():
         try:
             ok, detail = fn()
-        except DatabaseError as exc:
+        except Exception as exc:  # noqa: BLE001 - psycopg2 errors escape Django's wrapper on cursor close
             ok, detail = False, f"{type(exc).__name__}: {str(exc).strip()[:200]}"
         results[name] = {"ok": ok, "error": detail}
     all_ok = all(r["ok"] for r in results.values())
