@@ -109,20 +109,33 @@ def segment_size(nslots: int) -> int:
     return ctypes.sizeof(Header) + nslots * ctypes.sizeof(Slot)
 
 
-def process_start_time(pid: int) -> int | None:
-    """Return the kernel start time of ``pid`` in clock ticks, or None if it is gone."""
+def _proc_stat(pid: int) -> list[bytes] | None:
+    """Return the fields of /proc/PID/stat after the command name, or None if it is gone."""
+    if pid <= 0:
+        return None
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
     # comm may hold spaces and parentheses: fields resume after the last ')'
-    return int(data[data.rindex(b")") + 2 :].split()[19])
+    return data[data.rindex(b")") + 2 :].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """Return the kernel start time of ``pid`` in clock ticks, or None if it is gone."""
+    fields = _proc_stat(pid)
+    return None if fields is None else int(fields[19])
 
 
 def is_alive(pid: int, start_time: int) -> bool:
-    """Tell whether the process that registered as (pid, start_time) still runs."""
-    return pid > 0 and process_start_time(pid) == start_time
+    """Tell whether the process that registered as (pid, start_time) still runs.
+
+    A zombie (exited, not yet reaped by its parent) is dead: the kernel has
+    already closed its descriptors, so its connections are gone.
+    """
+    fields = _proc_stat(pid)
+    return fields is not None and fields[0] not in (b"Z", b"X") and int(fields[19]) == start_time
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,248 @@
+"""Start, watch and kill the real processes the tests need: coordinators and workers.
+
+Runs in the pytest process. Every worker is a separate interpreter
+(``python -c``), never a fork of pytest, so what it holds is what a gunicorn
+worker would hold.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+
+from sharedpool.ledger import Ledger, unlink
+
+PYTHON = sys.executable
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.005, what: str = "") -> object:
+    """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def sem_free(name: str) -> int:
+    ledger = Ledger.attach(name)
+    try:
+        return ledger.sem.value
+    finally:
+        ledger.close()
+
+
+class CoordinatorProc:
+    """A ``sharedpool coordinator`` subprocess with its stderr kept in a file."""
+
+    def __init__(self, name: str, budget: int, *extra: str, remove_on_exit: bool = True, wait: bool = True) -> None:
+        self.name = name
+        self.logfile = tempfile.NamedTemporaryFile(prefix=f"coord-{name}-", suffix=".log", delete=False)
+        argv = [PYTHON, "-m", "sharedpool.coordinator", "coordinator", "--name", name, "--budget", str(budget), "-v"]
+        if remove_on_exit:
+            argv.append("--remove-on-exit")
+        argv += list(extra)
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.logfile, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"coordinator exited with {self.proc.returncode}:\n{self.log()}")
+            if not Ledger.exists(self.name):
+                return False
+            with contextlib.suppress(Exception):
+                return "ready" in self.log()
+            return False
+
+        wait_until(ready, timeout, what=f"coordinator {self.name} to be ready")
+
+    def log(self) -> str:
+        with open(self.logfile.name, errors="replace") as f:
+            return f.read()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"coordinator did not stop on {sig}:\n{self.log()}") from None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.logfile.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.logfile.name)
+
+
+@contextlib.contextmanager
+def coordinator(name: str, budget: int, *extra: str, **kwargs: object) -> Iterator[CoordinatorProc]:
+    """Run a coordinator for the block; kill it and remove the pool's IPC objects after."""
+    coord = CoordinatorProc(name, budget, *extra, **kwargs)
+    try:
+        yield coord
+    finally:
+        coord.close()
+        unlink(name)
+
+
+# A worker that registers, takes permits on command and reports on stdout.
+# Commands on stdin, one per line: "acquire K", "release K", "raw K" (sem
+# acquire without recording; inflight += K, as if killed mid-acquire), "exit".
+GATE_WORKER = textwrap.dedent(
+    """
+    import sys
+    from sharedpool.ledger import Ledger
+    from sharedpool.permits import PermitGate
+    ledger = Ledger.attach(sys.argv[1])
+    gate = PermitGate(ledger)
+    gate.register()
+    print("registered", gate.slot_index, flush=True)
+    for line in sys.stdin:
+        verb, _, arg = line.strip().partition(" ")
+        n = int(arg or 1)
+        if verb == "acquire":
+            for _ in range(n):
+                gate.acquire(float(sys.argv[2]) if len(sys.argv) > 2 else 5.0)
+        elif verb == "release":
+            for _ in range(n):
+                gate.release()
+        elif verb == "raw":
+            for _ in range(n):
+                gate.slot.inflight += 1
+                ledger.sem.acquire()
+        elif verb == "exit":
+            gate.deregister()
+            break
+        print("ok", verb, n, flush=True)
+    """
+)
+
+
+class GateWorker:
+    """A separate interpreter holding a PermitGate, driven line by line."""
+
+    def __init__(self, name: str, timeout: float = 5.0) -> None:
+        self.proc = subprocess.Popen(
+            [PYTHON, "-c", GATE_WORKER, name, str(timeout)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+        )
+        line = self.proc.stdout.readline()
+        if not line.startswith("registered"):
+            raise AssertionError(f"worker failed to register: {line!r} {self.proc.stderr.read()}")
+        self.slot_index = int(line.split()[1])
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def do(self, command: str) -> None:
+        self.proc.stdin.write(command + "\n")
+        line = self.proc.stdout.readline()
+        if not line.startswith("ok"):
+            raise AssertionError(f"worker command {command!r} failed: {line!r} {self.proc.stderr.read()}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            with contextlib.suppress(OSError):
+                stream.close()
+
+    def exit(self) -> None:
+        self.proc.stdin.write("exit\n")
+        self.proc.stdin.flush()
+        self.proc.wait(10)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+    for proc in procs:
+        proc.wait()
+
+
+def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """Run the ``sharedpool`` command in a separate interpreter."""
+    return subprocess.run(
+        [PYTHON, "-m", "sharedpool.coordinator", *args],
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+
+
+# A worker with the real LocalPool. Commands: "get K" (check out K connections
+# and keep them), "put K" (return K), "exit" (return all, close the pool).
+POOL_WORKER = textwrap.dedent(
+    """
+    import sys
+    import sharedpool
+    from sharedpool.pool import close_all
+    name, budget, dsn = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    pool = sharedpool.LocalPool(sharedpool.PoolConfig(name=name, pool_size=budget, autostart=False, timeout=5), dsn)
+    held = []
+    print("ready", flush=True)
+    for line in sys.stdin:
+        verb, _, arg = line.strip().partition(" ")
+        n = int(arg or 1)
+        if verb == "get":
+            held += [pool.getconn() for _ in range(n)]
+            print("ok", *[c.info.backend_pid for c in held[-n:]], flush=True)
+            continue
+        if verb == "put":
+            for _ in range(n):
+                pool.putconn(held.pop())
+        elif verb == "exit":
+            for conn in held:
+                pool.putconn(conn)
+            close_all()
+            break
+        print("ok", flush=True)
+    """
+)
+
+
+class PoolWorker(GateWorker):
+    """A separate interpreter with a LocalPool, driven line by line."""
+
+    def __init__(self, name: str, budget: int, dsn: str) -> None:
+        self.proc = subprocess.Popen(
+            [PYTHON, "-c", POOL_WORKER, name, str(budget), dsn],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+        )
+        line = self.proc.stdout.readline()
+        if not line.startswith("ready"):
+            raise AssertionError(f"pool worker failed to start: {line!r} {self.proc.stderr.read()}")
+
+    def get(self, n: int) -> list[int]:
+        """Check out ``n`` connections; return their backend pids."""
+        self.proc.stdin.write(f"get {n}\n")
+        line = self.proc.stdout.readline()
+        if not line.startswith("ok"):
+            raise AssertionError(f"get {n} failed: {line!r} {self.proc.stderr.read()}")
+        return [int(p) for p in line.split()[1:]]
