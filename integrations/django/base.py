@@ -1,0 +1,231 @@
+"""Serve Django's postgresql backend from sharedpool: connect checks out, close gives back.
+
+Runs in the worker, in every thread that uses a connection. One LocalPool per
+distinct connection target (the params Django would pass to
+``psycopg2.connect`` plus the session options applied on top of them:
+isolation level, role), all targets of one pool NAME sharing its per-host
+budget. Everything else is Django's postgresql backend on psycopg2.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.db import DEFAULT_DB_ALIAS
+from django.utils.asyncio import async_unsafe
+
+from .driver import require_psycopg2
+
+require_psycopg2()
+
+import psycopg2  # noqa: E402
+import psycopg2.extensions  # noqa: E402
+import psycopg2.extras  # noqa: E402
+from django.db.backends.postgresql import base as postgresql  # noqa: E402
+from django.db.backends.postgresql.psycopg_any import IsolationLevel  # noqa: E402
+
+from sharedpool.errors import ConfigError  # noqa: E402
+from sharedpool.pool import LocalPool  # noqa: E402
+
+from .config import pool_config  # noqa: E402
+
+_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+
+_pools: dict[tuple, LocalPool] = {}
+_pools_lock = threading.Lock()
+# Connections of wrappers garbage-collected while holding one; given back by
+# the next checkout or close in this process (a GC callback must not take locks).
+_orphans: list[tuple[LocalPool, Any]] = []
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return tuple(_freeze(v) for v in value)
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
+
+
+def pool_for(config: Any, conn_params: Mapping[str, Any], session: tuple = (), kind: str = "django") -> LocalPool:
+    """Return this process's LocalPool for one target, creating it on first use."""
+    key = (kind, config, _freeze(conn_params), session)
+    pool = _pools.get(key)
+    if pool is not None:
+        return pool
+    with _pools_lock:
+        pool = _pools.get(key)
+        if pool is None:
+            try:
+                pool = LocalPool(config, **conn_params)
+            except ConfigError as err:
+                raise ImproperlyConfigured(str(err)) from err
+            _pools[key] = pool
+        return pool
+
+
+def _give_back_orphans() -> None:
+    while _orphans:
+        try:
+            pool, conn = _orphans.pop()
+        except IndexError:
+            return
+        pool.putconn(conn, discard=True)
+
+
+def _close_cursors(conn: Any) -> bool:
+    """Close named cursors (WITH HOLD ones outlive transactions); tell whether it worked."""
+    try:
+        if conn.info.transaction_status != _IDLE:
+            conn.rollback()
+        with conn.cursor() as cursor:
+            cursor.execute("CLOSE ALL")
+        if not conn.autocommit:
+            conn.commit()
+    except psycopg2.Error:
+        return False
+    return True
+
+
+class _Checkout:
+    __slots__ = ("pool", "conn", "finalizer", "named_cursors")
+
+    def __init__(self, wrapper: "DatabaseWrapper", pool: LocalPool, conn: Any) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.named_cursors = False
+        self.finalizer = weakref.finalize(wrapper, _orphans.append, (pool, conn))
+        self.finalizer.atexit = False
+
+
+class DatabaseWrapper(postgresql.DatabaseWrapper):
+    """Django's postgresql DatabaseWrapper whose connections are pooled under a per-host budget.
+
+    Runs in the worker. ``connect()`` checks a connection out of the LocalPool
+    of the current params; ``close()`` gives it back (closing it for real when
+    it is closed inside an atomic block, as Django then keeps it referenced).
+    """
+
+    def __init__(self, settings_dict: dict, alias: str = DEFAULT_DB_ALIAS) -> None:
+        super().__init__(settings_dict, alias)
+        self.pool_config = pool_config(settings_dict, alias)
+        options = settings_dict.get("POOL_OPTIONS") or {}
+        if "NAME" not in options:
+            # Copies made by _nodb_cursor() and copy() keep this alias's pool name.
+            settings_dict["POOL_OPTIONS"] = {**options, "NAME": self.pool_config.name}
+        self._checkout: _Checkout | None = None
+
+    # -- the pool ----------------------------------------------------------------------
+
+    def _session_key(self) -> tuple:
+        options = self.settings_dict["OPTIONS"]
+        return (_freeze(options.get("isolation_level")), _freeze(options.get("assume_role")))
+
+    def sharedpool(self) -> LocalPool:
+        """Return the LocalPool that connect() would check out from now."""
+        return pool_for(self.pool_config, self.get_connection_params(), self._session_key())
+
+    def raw_pool(self) -> LocalPool:
+        """Return a LocalPool of plain psycopg2 connections to this alias's database.
+
+        Kept apart from the ORM's connections, whose session state (autocommit,
+        time zone) Django sets up; both draw on the same budget.
+        """
+        params = self.get_connection_params()
+        params.pop("cursor_factory", None)
+        return pool_for(self.pool_config, params, kind="raw")
+
+    def close_pool(self) -> None:
+        """Close this process's idle connections to this database (before DROP / CREATE ... TEMPLATE)."""
+        super().close_pool()
+        params = self.get_connection_params()
+        target = (params.get("dbname"), params.get("host"), params.get("port"))
+        for (_, config, frozen, _), pool in list(_pools.items()):
+            items = dict(frozen)
+            if config.name == self.pool_config.name and (items.get("dbname"), items.get("host"), items.get("port")) == target:
+                pool.close()
+
+    def ensure_timezone(self) -> bool:
+        # Pooled connections get the time zone at each checkout (init_connection_state),
+        # so a TIME_ZONE change needs no reconnect.
+        if self.connection is None:
+            return False
+        return self._configure_timezone(self.connection)
+
+    # -- connect and close ----------------------------------------------------------
+
+    @async_unsafe
+    def get_new_connection(self, conn_params: dict) -> Any:
+        options = self.settings_dict["OPTIONS"]
+        set_isolation_level = False
+        try:
+            isolation_level_value = options["isolation_level"]
+        except KeyError:
+            self.isolation_level = IsolationLevel.READ_COMMITTED
+        else:
+            try:
+                self.isolation_level = IsolationLevel(isolation_level_value)
+                set_isolation_level = True
+            except ValueError:
+                raise ImproperlyConfigured(
+                    f"Invalid transaction isolation level {isolation_level_value} "
+                    f"specified. Use one of the psycopg.IsolationLevel values."
+                )
+        _give_back_orphans()
+        pool = pool_for(self.pool_config, conn_params, self._session_key())
+        connection = pool.getconn()
+        try:
+            if set_isolation_level:
+                connection.isolation_level = self.isolation_level
+            elif connection.isolation_level is not None:
+                connection.isolation_level = None  # reused after raw code changed it
+            # Dummy loads() as in Django: no decode -> json.dumps() -> json.loads() round trip.
+            psycopg2.extras.register_default_jsonb(conn_or_curs=connection, loads=lambda x: x)
+        except BaseException:
+            pool.putconn(connection, discard=True)
+            raise
+        self._checkout = _Checkout(self, pool, connection)
+        return connection
+
+    def create_cursor(self, name: str | None = None) -> Any:
+        if name and self._checkout is not None:
+            self._checkout.named_cursors = True
+        return super().create_cursor(name)
+
+    def _close(self) -> None:
+        checkout = self._checkout
+        if checkout is None or self.connection is not checkout.conn:
+            return super()._close()
+        self._checkout = None
+        checkout.finalizer.detach()
+        conn = checkout.conn
+        with self.wrap_database_errors:
+            if self.in_atomic_block:
+                # Django keeps the connection referenced until the atomic block
+                # exits: close it for real, as the stock backend does.
+                checkout.pool.putconn(conn, discard=True)
+                return None
+            self.connection = None
+            discard = checkout.named_cursors and not conn.closed and not _close_cursors(conn)
+            checkout.pool.putconn(conn, discard=discard)
+        _give_back_orphans()
+        return None
+
+
+def pool_for_alias(alias: str = DEFAULT_DB_ALIAS) -> LocalPool:
+    """Return the LocalPool of raw psycopg2 connections for a DATABASES alias using this ENGINE."""
+    from django.db import connections
+
+    wrapper = connections[alias]
+    if not isinstance(wrapper, DatabaseWrapper):
+        raise ImproperlyConfigured(
+            f"DATABASES[{alias!r}] does not use ENGINE 'sharedpool.integrations.django' "
+            f"(it uses {wrapper.settings_dict.get('ENGINE')!r})"
+        )
+    return wrapper.raw_pool()
