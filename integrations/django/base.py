@@ -8,7 +8,9 @@ budget. Everything else is Django's postgresql backend on psycopg2.
 """
 from __future__ import annotations
 
+import gc
 import threading
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -120,6 +122,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             # Copies made by _nodb_cursor() and copy() keep this alias's pool name.
             settings_dict["POOL_OPTIONS"] = {**options, "NAME": self.pool_config.name}
         self._checkout: _Checkout | None = None
+        self._discard_on_close = False
 
     # -- the pool ----------------------------------------------------------------------
 
@@ -142,13 +145,19 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         return pool_for(self.pool_config, params, kind="raw")
 
     def close_pool(self) -> None:
-        """Close this process's idle connections to this database (before DROP / CREATE ... TEMPLATE)."""
+        """Close this process's idle connections to this database (before DROP / CREATE ... TEMPLATE).
+
+        Connections still held by live wrappers stay open; those of wrappers
+        that were dropped without close() are collected and closed first.
+        """
         super().close_pool()
+        gc.collect()
+        _give_back_orphans()
         params = self.get_connection_params()
         target = (params.get("dbname"), params.get("host"), params.get("port"))
-        for (_, config, frozen, _), pool in list(_pools.items()):
+        for (_, _, frozen, _), pool in list(_pools.items()):
             items = dict(frozen)
-            if config.name == self.pool_config.name and (items.get("dbname"), items.get("host"), items.get("port")) == target:
+            if (items.get("dbname"), items.get("host"), items.get("port")) == target:
                 pool.close()
 
     def ensure_timezone(self) -> bool:
@@ -157,6 +166,35 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if self.connection is None:
             return False
         return self._configure_timezone(self.connection)
+
+    # -- health checks: a connection Django finds unusable is discarded, not pooled ----
+
+    def close_if_health_check_failed(self) -> None:
+        if self.connection is None or not self.health_check_enabled or self.health_check_done:
+            return
+        if not self.is_usable():
+            self._discard_on_close = True
+            self.close()
+        self.health_check_done = True
+
+    def close_if_unusable_or_obsolete(self) -> None:
+        # Django's logic, except that a connection failing is_usable() is discarded.
+        if self.connection is None:
+            return
+        self.health_check_done = False
+        if self.get_autocommit() != self.settings_dict["AUTOCOMMIT"]:
+            self.close()  # rolled back by the pool; Django sets autocommit again on checkout
+            return
+        if self.errors_occurred:
+            if self.is_usable():
+                self.errors_occurred = False
+                self.health_check_done = True
+            else:
+                self._discard_on_close = True
+                self.close()
+                return
+        if self.close_at is not None and time.monotonic() >= self.close_at:
+            self.close()
 
     # -- connect and close ----------------------------------------------------------
 
@@ -178,6 +216,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                     f"specified. Use one of the psycopg.IsolationLevel values."
                 )
         _give_back_orphans()
+        self._discard_on_close = False
         pool = pool_for(self.pool_config, conn_params, self._session_key())
         connection = pool.getconn()
         try:
@@ -205,6 +244,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self._checkout = None
         checkout.finalizer.detach()
         conn = checkout.conn
+        discard, self._discard_on_close = self._discard_on_close, False
         with self.wrap_database_errors:
             if self.in_atomic_block:
                 # Django keeps the connection referenced until the atomic block
@@ -212,7 +252,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                 checkout.pool.putconn(conn, discard=True)
                 return None
             self.connection = None
-            discard = checkout.named_cursors and not conn.closed and not _close_cursors(conn)
+            if checkout.named_cursors and not discard and not conn.closed:
+                discard = not _close_cursors(conn)
             checkout.pool.putconn(conn, discard=discard)
         _give_back_orphans()
         return None
