@@ -47,7 +47,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 STRATEGIES = ["direct", "persistent", "djdbpool", "pgbouncer", "sharedpool"]
-DB_NAME = "bench"
+DB_NAME = "bench"                 # main() makes both unique to the process
 TEMPLATE_DB = "bench_template"
 ROWS = 10000
 SAMPLE_INTERVAL = 0.020
@@ -359,6 +359,60 @@ def run_wrk(port: int, paths: str, connections: int, duration: int, timeout_s: i
     return json.loads(m.group(1)), cmd, "BENCH_PATHS=" + shlex.quote(paths)
 
 
+def python_load(port: int, paths: str, connections: int, duration: int) -> dict:
+    """Fallback load generator when wrk is missing: `connections` threads,
+    one HTTP request at a time each, for `duration` seconds. Slower than wrk
+    (it shares the GIL), so its numbers are not comparable with wrk's."""
+    choices = []
+    for item in paths.split(","):
+        m = re.match(r"^(.*):(\d+)$", item)
+        choices.append((m.group(1), int(m.group(2))) if m else (item, 1))
+    pool = [p for p, w in choices for _ in range(w)]
+    lat: list[float] = []
+    errors = {"status": 0, "transport": 0}
+    lock = threading.Lock()
+    t0 = time.monotonic()
+    stop_at = t0 + duration
+
+    def worker():
+        rnd = random.Random()
+        while time.monotonic() < stop_at:
+            t = time.perf_counter()
+            try:
+                status, _ = http_get(port, rnd.choice(pool), timeout=30)
+            except Exception:
+                with lock:
+                    errors["transport"] += 1
+                continue
+            dt = time.perf_counter() - t
+            with lock:
+                lat.append(dt)
+                if not 200 <= status < 400:
+                    errors["status"] += 1
+
+    ths = [threading.Thread(target=worker) for _ in range(connections)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    elapsed = time.monotonic() - t0
+    return _load_stats(sorted(lat), elapsed, errors, f"python threads x{connections}")
+
+
+def _load_stats(lat: list[float], elapsed: float, errors: dict, generator: str) -> dict:
+    def pct(p):
+        if not lat:
+            return 0.0
+        return lat[min(len(lat) - 1, int(round(p / 100.0 * (len(lat) - 1))))] * 1000
+
+    return {"generator": generator, "requests": len(lat), "duration_s": elapsed,
+            "rps": len(lat) / elapsed if elapsed else 0.0,
+            "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
+            "max_ms": lat[-1] * 1000 if lat else 0.0,
+            "mean_ms": statistics.fmean(lat) * 1000 if lat else 0.0,
+            "errors": sum(errors.values()), "errors_detail": errors}
+
+
 def warm(port: int, path: str, concurrency: int, total: int) -> None:
     left = [total]
     lock = threading.Lock()
@@ -435,24 +489,12 @@ def probe_features(port: int, concurrency: int, duration: float) -> dict:
     for t in ths:
         t.join()
     elapsed = time.monotonic() - t0
-    conc = sorted(lat[n_before:])
-
-    def pct(p):
-        if not conc:
-            return 0.0
-        return conc[min(len(conc) - 1, int(round(p / 100.0 * (len(conc) - 1))))] * 1000
-
     return {
         "sequential": sequential,
         "total": tally,
         "served_correctly": {f: tally[f]["failed"] == 0 and tally[f]["ok"] > 0 for f in FEATURES},
-        "load": {"generator": f"python threads x{concurrency}", "requests": len(conc),
-                 "duration_s": elapsed, "rps": len(conc) / elapsed if elapsed else 0.0,
-                 "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
-                 "max_ms": conc[-1] * 1000 if conc else 0.0,
-                 "mean_ms": statistics.fmean(conc) * 1000 if conc else 0.0,
-                 "errors": errors["http_non_200"] + errors["transport"],
-                 "errors_detail": errors},
+        "load": _load_stats(sorted(lat[n_before:]), elapsed, errors,
+                            f"python threads x{concurrency}"),
     }
 
 
@@ -597,6 +639,12 @@ def run_one(ctx: dict, scenario: str, view: str, paths: str, strategy: str, rep:
             rec["features"] = feat
             rec["command"]["load"] = (f"python threads x{sc['connections']} GET /session "
                                       f"for {duration}s (after 10 sequential calls)")
+        elif not ctx["wrk"]:
+            load = python_load(port, paths, sc["connections"], duration)
+            rec["notes"].append("wrk not installed: load from the python fallback generator "
+                                "(numbers not comparable with wrk runs)")
+            rec["command"]["load"] = (f"python threads x{sc['connections']} GET {paths} "
+                                      f"for {duration}s")
         else:
             w, wcmd, wenv = run_wrk(port, paths, sc["connections"], duration)
             secs = w["duration_us"] / 1e6
@@ -889,12 +937,15 @@ def parse_args(argv=None):
     ap.add_argument("--strategies", default=None,
                     help="comma list of " + ",".join(STRATEGIES) + " (default: all)")
     ap.add_argument("--duration", type=int, default=None,
-                    help="seconds of load per run (default 15, --quick 3)")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="repeat every run N times, interleaved; the summary uses medians")
+                    help="seconds of load per run (default 10, --quick 2; S4 at least 5)")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="repeat every run N times, interleaved, strategy order rotated; the "
+                         "summary uses medians and paired ratios (default 3, --quick 1)")
     ap.add_argument("--driver", choices=["psycopg2", "psycopg"], default="psycopg2",
                     help="DB-API driver for the stock Django backend (default psycopg2, the "
                          "driver sharedpool's backend uses)")
+    ap.add_argument("--load", choices=["auto", "wrk", "python"], default="auto",
+                    help="load generator: wrk (default when installed) or a python fallback")
     ap.add_argument("--out", default=None,
                     help="results file (default bench/results/<utc stamp>-<mode>.jsonl)")
     ap.add_argument("--no-summary", action="store_true", help="skip the summary file")
@@ -910,23 +961,31 @@ def parse_args(argv=None):
         if s not in STRATEGIES:
             ap.error(f"unknown strategy {s!r}; known: {', '.join(STRATEGIES)}")
     if args.duration is None:
-        args.duration = 2 if args.quick else 15
-    if args.duration < 1:
-        ap.error("--duration must be >= 1")
+        args.duration = 2 if args.quick else 10
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
+    if args.duration < 1 or args.repeat < 1:
+        ap.error("--duration and --repeat must be >= 1")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not shutil.which("wrk"):
-        log("error: wrk not found; run bench/setup.sh (apt-get install wrk pgbouncer)")
+    global DB_NAME, TEMPLATE_DB
+    DB_NAME, TEMPLATE_DB = f"bench_{os.getpid()}", f"bench_{os.getpid()}_template"
+    if args.load == "wrk" and not shutil.which("wrk"):
+        log("error: wrk not found; run bench/setup.sh")
         return 2
+    if args.load == "auto" and not shutil.which("wrk"):
+        log("warning: wrk not found (bench/setup.sh installs it); using the slower python "
+            "load generator")
     mode = "quick" if args.quick else "full"
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     os.makedirs(RESULTS_DIR, exist_ok=True)
     out = args.out or os.path.join(RESULTS_DIR, f"{stamp}-{mode}.jsonl")
     ctx: dict = {"args": args, "mode": mode, "run_id": f"{stamp}-{mode}",
                  "gunicorn": venv_bin("gunicorn"), "live": [],
+                 "wrk": bool(shutil.which("wrk")) and args.load != "python",
                  "harness_cmd": shlex.join([os.path.relpath(sys.executable, ROOT)
                                             if sys.executable.startswith(ROOT) else sys.executable,
                                             os.path.relpath(os.path.abspath(sys.argv[0]), ROOT),
