@@ -1,0 +1,155 @@
+"""gunicorn server hooks that run a pool's coordinator beside the arbiter and keep permits moving.
+
+Use it as the whole config::
+
+    gunicorn -c python:sharedpool.integrations.gunicorn --workers 8 myproject.wsgi
+
+or import the hooks into an existing ``gunicorn.conf.py``::
+
+    from sharedpool.integrations.gunicorn import on_starting, post_fork, child_exit, worker_exit, on_exit
+
+To chain with hooks of your own, call ours first (gunicorn wants plain
+functions with the hook's exact arguments)::
+
+    from sharedpool.integrations import gunicorn as sharedpool_hooks
+    from sharedpool.integrations.gunicorn import on_starting, child_exit, worker_exit, on_exit
+
+    def post_fork(server, worker):
+        sharedpool_hooks.post_fork(server, worker)
+        ...  # your own
+
+The pools come from Django settings when DJANGO_SETTINGS_MODULE is set (every
+DATABASES entry whose ENGINE is ``sharedpool.integrations.django``), else from
+``SHAREDPOOL_NAME`` / ``SHAREDPOOL_POOL_SIZE``; or call ``use_pools(config, ...)``
+in your config file. Where each hook runs:
+
+on_starting   arbiter, once: start a coordinator for every pool that has none
+              (a separate process, ``--exit-with <arbiter pid> --remove-on-exit``,
+              so it also goes when the arbiter is SIGKILLed).
+post_fork     worker, right after fork: make sure it forgot the arbiter's
+              connections; under the gevent worker, make psycopg2 cooperative.
+child_exit    arbiter, after reaping a worker: tell the coordinators at once.
+worker_exit   worker, on its way out: close its connections, free its permits and slot.
+on_exit       arbiter, last: close its own pools (``--preload``), stop the
+              coordinators it started.
+
+Sync, gthread and gevent workers, ``--preload``, ``--max-requests``, HUP and
+TTIN/TTOU need nothing more. Only the five hook names are gunicorn settings here.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from sharedpool.config import PoolConfig
+
+from . import servers
+
+__all__ = ["on_starting", "post_fork", "child_exit", "worker_exit", "on_exit", "use_pools"]
+
+log = logging.getLogger("sharedpool.integrations.gunicorn")
+
+_pools: list[PoolConfig] | None = None  # None: not yet looked up
+_started: dict[str, int] = {}  # pool name -> pid of the coordinator this arbiter started
+
+
+def use_pools(*configs: PoolConfig) -> None:
+    """Declare the pools explicitly instead of reading Django settings or the environment."""
+    global _pools
+    _pools = list(configs)
+
+
+def _pool_list() -> list[PoolConfig]:
+    global _pools
+    if _pools is None:
+        _pools = servers.pool_configs()
+    return _pools
+
+
+def on_starting(server) -> None:
+    """Start a coordinator for each pool that has none. Runs in the arbiter, before any worker."""
+    arbiter_pid = os.getpid()
+    pools = _pool_list()
+    if not pools:
+        server.log.warning(
+            "sharedpool: no pool found (no sharedpool ENGINE in DATABASES, no SHAREDPOOL_POOL_SIZE); "
+            "the hooks do nothing"
+        )
+    for config in pools:
+        pid = servers.running_coordinator(config)
+        if pid is not None:
+            if servers.parent_of(pid) == arbiter_pid:
+                # started on demand by this process (a --preload app touched the database)
+                _started[config.name] = pid
+            server.log.info("sharedpool: pool %r uses the running coordinator (pid %d)", config.name, pid)
+            continue
+        if not config.autostart:
+            server.log.warning(
+                "sharedpool: pool %r has no coordinator and AUTOSTART is off; start "
+                "sharedpool-coordinator@%s.service (or `sharedpool coordinator`)", config.name, config.name,
+            )
+            continue
+        process = servers.start_embedded(config, arbiter_pid)
+        _started[config.name] = process.pid
+        server.log.info(
+            "sharedpool: started the coordinator of pool %r (pid %d, budget %d)",
+            config.name, process.pid, config.pool_size,
+        )
+
+
+def post_fork(server, worker) -> None:
+    """Prepare a new worker. Runs in the worker right after fork, before it loads or serves."""
+    servers.after_fork_in_child()
+    if _is_gevent_worker(worker):
+        _make_psycopg2_green()
+
+
+def child_exit(server, worker) -> None:
+    """Tell the coordinators a worker is gone. Runs in the arbiter after reaping it."""
+    servers.notify_exit([config.name for config in _pool_list()], worker.pid)
+
+
+def worker_exit(server, worker) -> None:
+    """Give back the worker's connections, permits and slot. Runs in the exiting worker."""
+    servers.close_worker_pools()
+
+
+def on_exit(server) -> None:
+    """Close the arbiter's own pools and stop the coordinators it started. Runs in the arbiter, last."""
+    servers.close_worker_pools()
+    while _started:
+        name, pid = _started.popitem()
+        servers.stop_process(pid)
+        server.log.info("sharedpool: stopped the coordinator of pool %r (pid %d)", name, pid)
+
+
+# -- gevent ------------------------------------------------------------------------------------
+
+
+def _is_gevent_worker(worker) -> bool:
+    return any(cls.__module__ == "gunicorn.workers.ggevent" for cls in type(worker).__mro__)
+
+
+def _make_psycopg2_green() -> None:
+    """Let other greenlets run while psycopg2 waits for the server (what psycogreen does)."""
+    import psycopg2.extensions
+
+    if psycopg2.extensions.get_wait_callback() is None:
+        psycopg2.extensions.set_wait_callback(_gevent_wait_callback)
+
+
+def _gevent_wait_callback(conn, timeout=None) -> None:
+    from gevent.socket import wait_read, wait_write
+    from psycopg2 import OperationalError
+    from psycopg2.extensions import POLL_OK, POLL_READ, POLL_WRITE
+
+    while True:
+        state = conn.poll()
+        if state == POLL_OK:
+            return
+        if state == POLL_READ:
+            wait_read(conn.fileno(), timeout=timeout)
+        elif state == POLL_WRITE:
+            wait_write(conn.fileno(), timeout=timeout)
+        else:
+            raise OperationalError(f"bad state from poll: {state}")

@@ -1,0 +1,174 @@
+"""Helpers the server integrations share: find the pools, run their coordinator, clean up a worker.
+
+Runs in a server's master process (gunicorn arbiter, uWSGI master) and in its
+workers. Imports neither gunicorn nor uWSGI, and opens nothing at import.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+
+from sharedpool import channel
+from sharedpool.config import ENV_PREFIX, PoolConfig
+from sharedpool.errors import LedgerError
+
+log = logging.getLogger("sharedpool.integrations")
+
+DJANGO_ENGINE = "sharedpool.integrations.django"
+STOP_TIMEOUT = 5.0  # seconds a stopped coordinator gets before SIGKILL
+
+
+# -- which pools ---------------------------------------------------------------------------------
+
+
+def django_pool_configs(databases: Mapping[str, Mapping]) -> list[PoolConfig]:
+    """Return the pools of the DATABASES entries that use the sharedpool ENGINE (one per NAME)."""
+    configs: dict[str, PoolConfig] = {}
+    for alias, entry in databases.items():
+        if entry.get("ENGINE") != DJANGO_ENGINE:
+            continue
+        values = dict(entry.get("POOL_OPTIONS") or {})
+        if "POOL_SIZE" in entry:
+            values["POOL_SIZE"] = entry["POOL_SIZE"]
+        config = PoolConfig.from_mapping(values, source=f"DATABASES[{alias!r}]")
+        configs.setdefault(config.name, config)
+    return list(configs.values())
+
+
+def pool_configs(environ: Mapping[str, str] | None = None) -> list[PoolConfig]:
+    """Find the pools this server's workers will use.
+
+    From Django settings when DJANGO_SETTINGS_MODULE is set (every DATABASES
+    entry whose ENGINE is sharedpool's; there may be several pools), else from
+    ``SHAREDPOOL_NAME`` / ``SHAREDPOOL_POOL_SIZE`` in the environment, else none.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("DJANGO_SETTINGS_MODULE"):
+        try:
+            from django.conf import settings
+
+            databases = settings.DATABASES
+        except Exception as exc:  # noqa: BLE001 - the server must still start; the workers will say more
+            log.warning("sharedpool: cannot read Django's DATABASES (%s: %s); using the environment",
+                        type(exc).__name__, exc)
+        else:
+            configs = django_pool_configs(databases)
+            if configs:
+                return configs
+    if env.get(ENV_PREFIX + "POOL_SIZE"):
+        return [PoolConfig.from_mapping({}, env=env, source="the environment")]
+    return []
+
+
+# -- the coordinator -------------------------------------------------------------------------------
+
+
+def running_coordinator(config: PoolConfig) -> int | None:
+    """Return the pid of the live coordinator of ``config``'s pool, or None.
+
+    Raises LedgerError when the ledger is foreign or its budget disagrees with POOL_SIZE.
+    """
+    from sharedpool.embedded import check_budget
+    from sharedpool.ledger import Ledger, is_alive
+
+    if not Ledger.exists(config.name):
+        return None
+    ledger = Ledger.attach(config.name, group=config.group)
+    check_budget(ledger, config)  # closes the ledger and raises on a mismatch
+    try:
+        header = ledger.header
+        if header.coordinator_pid and is_alive(header.coordinator_pid, header.coordinator_start):
+            return header.coordinator_pid
+        return None
+    finally:
+        ledger.close()
+
+
+def start_embedded(config: PoolConfig, server_pid: int) -> subprocess.Popen:
+    """Start a coordinator that exits with process ``server_pid`` and removes its IPC objects."""
+    from sharedpool.embedded import start_coordinator
+
+    return start_coordinator(config, "--exit-with", str(server_pid), "--remove-on-exit")
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return int(data[data.rindex(b")") + 2 :].split()[1])
+
+
+def stop_process(pid: int, timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM ``pid`` (our child), wait, then SIGKILL; reap it if it is our child."""
+    import time
+
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # not our child, or already reaped by the server
+            done = pid if not os.path.exists(f"/proc/{pid}") else 0
+        if done:
+            return
+        time.sleep(0.01)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def notify_exit(names: list[str], pid: int) -> None:
+    """Tell each pool's coordinator that worker ``pid`` exited, so its permits come back at once."""
+    message = f"exit {pid}".encode()
+    for name in names:
+        channel.send(channel.coordinator_address(name), message)
+
+
+# -- the worker ------------------------------------------------------------------------------------
+
+_forksafe_ran_in = 0
+
+
+def _mark_forksafe_ran() -> None:
+    global _forksafe_ran_in
+    _forksafe_ran_in = os.getpid()
+
+
+os.register_at_fork(after_in_child=_mark_forksafe_ran)
+
+
+def after_fork_in_child() -> None:
+    """Run sharedpool's fork-safety hooks in this child unless ``os.fork`` already did.
+
+    Servers that fork from C (uWSGI) skip ``os.register_at_fork`` hooks; without
+    this the child would believe it owns the parent's connections and slot.
+    """
+    if _forksafe_ran_in == os.getpid():
+        return
+    _mark_forksafe_ran()
+    from sharedpool import forksafe
+
+    forksafe._after_fork_in_child()
+
+
+def close_worker_pools() -> None:
+    """Give back this process's connections and permits and free its ledger slot (worker exit)."""
+    django_db = sys.modules.get("django.db")
+    if django_db is not None:
+        with contextlib.suppress(Exception):
+            django_db.connections.close_all()
+    pool = sys.modules.get("sharedpool.pool")
+    if pool is not None:
+        try:
+            pool.close_all()
+        except (LedgerError, OSError) as exc:
+            log.warning("sharedpool: closing the pools of process %d: %s", os.getpid(), exc)
