@@ -28,6 +28,7 @@ from sharedpool.ledger import (
     Slot,
     ipc_names,
     is_alive,
+    permit_counts,
     permits_recorded,
     process_start_time,
     unlink,
@@ -42,6 +43,7 @@ log = logging.getLogger("sharedpool.coordinator")
 TICK = 0.1  # seconds between passes when no event arrives
 AUDIT_EVERY = 0.5
 RECLAIM_POLL = 0.005  # seconds between /proc checks while a dead worker's backends exit
+BACKEND_WARN_AFTER = 5.0  # seconds a dead worker's backend may run before a warning
 
 
 class CoordinatorError(SharedPoolError):
@@ -50,11 +52,14 @@ class CoordinatorError(SharedPoolError):
 
 @dataclass
 class PendingReclaim:
+    """A dead worker whose permits wait for its server backends to be gone."""
+
     pid: int
     start_time: int
     since: float
-    backends: tuple[int, ...]
-    local: bool
+    backends: tuple[tuple[int, int], ...]  # (pid, start time) of its backends seen on this host
+    need_grace: bool  # some connection cannot be watched in /proc: wait RECLAIM_GRACE too
+    warned: bool = False
 
 
 @dataclass
@@ -86,6 +91,8 @@ class Coordinator:
         self.idle_since = time.monotonic()
         self.parent_gone = False
         self._next_audit = 0.0
+        self._audit_state: tuple | None = None
+        self.suspect_leaks = 0  # in-flight operations of reclaimed dead workers: permits they may have leaked
         self._next_watchdog = 0.0
         self._control = None
         self._wakeup_r = self._wakeup_w = -1
@@ -287,12 +294,22 @@ class Coordinator:
         slot = self.ledger.slots[index]
         if slot.state != SLOT_ACTIVE or index in self.pending or is_alive(slot.pid, slot.start_time):
             return
+        local = bool(slot.flags & FLAG_BACKENDS_LOCAL)
+        backends = []
+        if local:
+            # remember each backend's start time: pids are recycled (pid_max may be 32768),
+            # and a new process under an old backend pid must not stall the reclaim
+            for pid in slot.backends:
+                start = process_start_time(pid) if pid else None
+                if start is not None:
+                    backends.append((pid, start))
         self.pending[index] = PendingReclaim(
             pid=slot.pid,
             start_time=slot.start_time,
             since=time.monotonic(),
-            backends=tuple(pid for pid in slot.backends if pid),
-            local=bool(slot.flags & FLAG_BACKENDS_LOCAL) and not slot.connecting,
+            backends=tuple(backends),
+            # a connect under way has a backend we have no pid for; remote backends are invisible
+            need_grace=not local or bool(slot.connecting),
         )
         log.info("pool %r: worker %d died holding %d permit(s)", self.name, slot.pid, slot.held)
         self.finish_reclaims()
@@ -301,10 +318,17 @@ class Coordinator:
         """Return a dead worker's permits once its server backends are surely gone."""
         now = time.monotonic()
         for index, dead in list(self.pending.items()):
-            if dead.local:
-                if any(os.path.exists(f"/proc/{pid}") for pid in dead.backends):
-                    continue
-            elif now - dead.since < self.options.reclaim_grace:
+            if dead.need_grace and now - dead.since < self.options.reclaim_grace:
+                continue
+            running = [pid for pid, start in dead.backends if is_alive(pid, start)]
+            if running:
+                if not dead.warned and now - dead.since > BACKEND_WARN_AFTER:
+                    dead.warned = True
+                    log.warning(
+                        "pool %r: worker %d died %.0f s ago but its backend(s) %s still run; its permits "
+                        "stay taken until they exit (is CHECK_INTERVAL disabled?)",
+                        self.name, dead.pid, now - dead.since, ", ".join(map(str, running)),
+                    )
                 continue
             del self.pending[index]
             self.reclaim(index, dead, now)
@@ -317,6 +341,9 @@ class Coordinator:
                 return
             count = slot.held
             slot.held = 0  # unrecord before posting: a crash here leaks, the audit repairs
+            if slot.inflight:
+                self.suspect_leaks += slot.inflight
+                self._next_audit = 0.0  # the audit settles them at once
             ledger.header.reclaimed_permits += count
             ledger.header.reclaimed_workers += 1
             ledger._retire(slot)
@@ -358,27 +385,60 @@ class Coordinator:
         """Return permits leaked by workers that died mid-operation.
 
         The semaphore value is read between two identical copies of the slot
-        table, so no permit operation completed in between; every in-flight
-        operation is counted as holding a permit. What is still missing was
-        leaked and is posted back. Nothing here can over-grant.
+        table, so no permit operation completed in between. Counting every
+        in-flight operation as holding a permit, what is still missing was
+        leaked and is posted back; that can never over-grant.
+
+        A thread blocked waiting for a permit is in flight too, and almost
+        surely holds nothing: counted as holding, it would hide exactly the
+        leak it waits for. So when the strict count finds nothing, the
+        waiters are counted as empty-handed, but a permit is posted only if
+        (a) a dead worker's in-flight operations could have leaked it
+        (``suspect_leaks``), (b) no permit moved and the semaphore stayed
+        the same since the previous audit, AUDIT_EVERY earlier (a waiter
+        that had just been granted would have recorded it by then), and
+        (c) no waiting worker is stopped (SIGSTOP, a debugger).
         """
         ledger = self.ledger
         before = ledger.raw_slots()
         value = ledger.sem.value
         if ledger.raw_slots() != before:
+            self._audit_state = None
             return
-        accounted = permits_recorded(before)
-        missing = ledger.header.physical - value - accounted
+        held, inflight, waiting, key = permit_counts(before)
+        physical = ledger.header.physical
+        missing = physical - value - held - inflight
+        if missing <= 0 and waiting and self.suspect_leaks:
+            state = (key, value, physical)
+            if self._audit_state == state and not self._waiters_stopped():
+                missing = min(physical - value - held - (inflight - waiting), self.suspect_leaks)
+            self._audit_state = state
+        else:
+            self._audit_state = None
         if missing > 0:
             for _ in range(missing):
                 ledger.sem.release()
             ledger.header.audit_fixes += missing
+            self.suspect_leaks = max(0, self.suspect_leaks - missing)
+            self._audit_state = None
             log.warning("pool %r: audit returned %d leaked permit(s)", self.name, missing)
-        elif missing < 0:
+        elif value + held > physical:
             log.error(
-                "pool %r: semaphore %d + recorded %d exceeds the %d permits in circulation",
-                self.name, value, accounted, ledger.header.physical,
+                "pool %r: semaphore %d + held %d exceeds the %d permits in circulation",
+                self.name, value, held, physical,
             )
+
+    def _waiters_stopped(self) -> bool:
+        for s in self.ledger.snapshot().slots:
+            if s.waiting:
+                try:
+                    with open(f"/proc/{s.pid}/stat", "rb") as f:
+                        state = f.read().rpartition(b")")[2].split()[0]
+                except (OSError, IndexError):
+                    continue
+                if state in (b"T", b"t"):
+                    return True
+        return False
 
     # -- stop ----------------------------------------------------------------------
 

@@ -433,6 +433,27 @@ def permits_recorded(raw_slots: bytes) -> int:
     return total
 
 
+def permit_counts(raw_slots: bytes) -> tuple[int, int, int, tuple]:
+    """Sum held, inflight and blocked waiters of the active slots, and key their accounting state.
+
+    The key holds only the fields permit operations change (and the slot's
+    owner), not hints such as shed requests, so it stays equal while no
+    permit moves.
+    """
+    held = inflight = waiting = 0
+    key = []
+    for offset in range(0, len(raw_slots), ctypes.sizeof(Slot)):
+        slot = Slot.from_buffer_copy(raw_slots, offset)
+        if slot.state == SLOT_ACTIVE:
+            held += slot.held
+            inflight += slot.inflight
+            waiting += slot.waiting
+            key.append((slot.pid, slot.start_time, slot.held, slot.inflight, slot.waiting, slot.grants, slot.releases))
+        else:
+            key.append(None)
+    return held, inflight, waiting, tuple(key)
+
+
 def validate_segment(name: str, fd: int, path: str, group: str | None = None) -> None:
     """Refuse a segment that is foreign, truncated, of another version or wrongly owned."""
     info = os.fstat(fd)

@@ -14,7 +14,7 @@ import time
 import posix_ipc
 import pytest
 
-from sharedpool.ledger import Ledger, ipc_names, process_start_time, unlink
+from sharedpool.ledger import Ledger, ipc_names, is_alive, process_start_time, unlink
 from sharedpool.permits import PermitGate
 
 from helpers_procs import CoordinatorProc, GateWorker, PoolWorker, coordinator, kill_all, sem_free, wait_until
@@ -130,7 +130,7 @@ def test_reclaim_latency(unique_name, dsn, record_property):
                     time.sleep(0.0002)
                 latencies.append(time.monotonic() - start)
                 # the coordinator waited for the backends: none of them runs any more
-                assert not [pid for pid, st in starts if process_start_time(pid) == st]
+                assert not [pid for pid, st in starts if is_alive(pid, st)]
                 worker.kill()
         finally:
             if spare is not None:
@@ -175,3 +175,41 @@ def test_coordinator_absent_cap_holds_then_adoption_reclaims(unique_name):
     finally:
         coord.close()
         unlink(unique_name)
+
+
+def test_audit_repairs_leak_of_worker_killed_mid_acquire(unique_name):
+    """Killed after the semaphore moved but before ``held``: the audit returns the permit."""
+    with coordinator(unique_name, 2) as coord:
+        victim = GateWorker(unique_name)
+        victim.do("raw 1")  # inflight 1, semaphore taken, held still 0
+        assert sem_free(unique_name) == 1
+        victim.kill()
+        wait_until(lambda: sem_free(unique_name) == 2, 1.5, what="audit repair")
+        assert "audit returned 1 leaked permit" in coord.log()
+        ledger = Ledger.attach(unique_name)
+        try:
+            assert ledger.header.audit_fixes == 1 and ledger.header.physical == 2
+        finally:
+            ledger.close()
+
+
+def test_audit_repairs_leak_while_another_worker_waits(unique_name):
+    """A blocked waiter is in flight too; it must not hide the very leak it waits for."""
+    with coordinator(unique_name, 2) as coord:
+        holder, waiter = GateWorker(unique_name), GateWorker(unique_name, timeout=5.0)
+        try:
+            holder.do("acquire 1")
+            victim = GateWorker(unique_name)
+            victim.do("raw 1")
+            victim.kill()  # the last permit leaks with it
+            start = time.monotonic()
+            waiter.do("acquire 1")  # blocks until the audit returns the leaked permit
+            assert time.monotonic() - start < 3.0
+            assert sem_free(unique_name) == 0
+            time.sleep(1.2)  # and no second permit appears: nothing over-granted
+            assert sem_free(unique_name) == 0
+            assert "exceeds" not in coord.log()
+        finally:
+            holder.exit()
+            waiter.exit()
+        assert sem_free(unique_name) == 2
