@@ -270,3 +270,25 @@ def pool_for_alias(alias: str = DEFAULT_DB_ALIAS) -> LocalPool:
             f"(it uses {wrapper.settings_dict.get('ENGINE')!r})"
         )
     return wrapper.raw_pool()
+
+
+def close_pools(name: str | None = None) -> None:
+    """Close this process's pools of this ENGINE (all, or those of pool NAME) and free their slots.
+
+    Runs in the worker, e.g. from a server's worker-exit hook or a test's
+    teardown. Idle connections close now; connections still checked out close
+    when given back. A later checkout starts afresh.
+    """
+    from sharedpool.pool import ProcessBudget
+
+    _give_back_orphans()
+    with _pools_lock:
+        keys = [key for key in _pools if name is None or key[1].name == name]
+        names = {key[1].name for key in keys}
+        for key in keys:
+            _pools.pop(key).close()
+    for pool_name in names:
+        with ProcessBudget._registry_lock:
+            budget = ProcessBudget._by_name.pop(pool_name, None)
+        if budget is not None:
+            budget.close()
