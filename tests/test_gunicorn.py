@@ -48,7 +48,7 @@ class Server:
             "SHAREDPOOL_NAME": name,
             "SHAREDPOOL_POOL_SIZE": str(budget),
             "SHAREDPOOL_TIMEOUT": "30",
-            "PYTHONPATH": os.pathsep.join([APPS, ROOT]),
+            "PYTHONPATH": os.pathsep.join(filter(None, [APPS, ROOT, os.environ.get("PYTHONPATH")])),
             **(env or {}),
         }
         self.log = open(self.log_path, "wb")
