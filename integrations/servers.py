@@ -15,7 +15,6 @@ from collections.abc import Mapping
 
 from sharedpool import channel
 from sharedpool.config import ENV_PREFIX, PoolConfig
-from sharedpool.errors import LedgerError
 
 log = logging.getLogger("sharedpool.integrations")
 
@@ -27,16 +26,17 @@ STOP_TIMEOUT = 5.0  # seconds a stopped coordinator gets before SIGKILL
 
 
 def django_pool_configs(databases: Mapping[str, Mapping]) -> list[PoolConfig]:
-    """Return the pools of the DATABASES entries that use the sharedpool ENGINE (one per NAME)."""
+    """Return the pools of the DATABASES entries that use the sharedpool ENGINE (one per NAME).
+
+    Each entry is read by the ENGINE's own ``pool_config`` (NAME defaults to the alias).
+    """
+    from sharedpool.integrations.django.config import pool_config
+
     configs: dict[str, PoolConfig] = {}
     for alias, entry in databases.items():
-        if entry.get("ENGINE") != DJANGO_ENGINE:
-            continue
-        values = dict(entry.get("POOL_OPTIONS") or {})
-        if "POOL_SIZE" in entry:
-            values["POOL_SIZE"] = entry["POOL_SIZE"]
-        config = PoolConfig.from_mapping(values, source=f"DATABASES[{alias!r}]")
-        configs.setdefault(config.name, config)
+        if entry.get("ENGINE") == DJANGO_ENGINE:
+            config = pool_config(entry, alias)
+            configs.setdefault(config.name, config)
     return list(configs.values())
 
 
@@ -170,5 +170,5 @@ def close_worker_pools() -> None:
     if pool is not None:
         try:
             pool.close_all()
-        except (LedgerError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a worker on its way out must still exit
             log.warning("sharedpool: closing the pools of process %d: %s", os.getpid(), exc)
