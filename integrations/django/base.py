@@ -34,7 +34,7 @@ from sharedpool.pool import LocalPool  # noqa: E402
 
 from .config import pool_config  # noqa: E402
 
-_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+_CLEAN = (psycopg2.extensions.TRANSACTION_STATUS_IDLE, psycopg2.extensions.TRANSACTION_STATUS_INTRANS)
 
 _pools: dict[tuple, LocalPool] = {}
 _pools_lock = threading.Lock()
@@ -81,17 +81,27 @@ def _give_back_orphans() -> None:
         pool.putconn(conn, discard=True)
 
 
-def _close_cursors(conn: Any) -> bool:
-    """Close named cursors (WITH HOLD ones outlive transactions); tell whether it worked."""
-    try:
-        if conn.info.transaction_status != _IDLE:
-            conn.rollback()
-        with conn.cursor() as cursor:
-            cursor.execute("CLOSE ALL")
-        if not conn.autocommit:
-            conn.commit()
-    except psycopg2.Error:
-        return False
+def _close_named_cursors(conn: Any, cursors: "weakref.WeakSet[Any]") -> bool:
+    """Close the server-side cursors a checkout left open; tell whether the connection is clean.
+
+    A WITH HOLD cursor (Django's ``.iterator()`` in autocommit) outlives
+    transactions, and an abandoned iterator's cursor object would send its
+    CLOSE later, on whatever session the connection then serves.
+    """
+    for cursor in list(cursors):
+        if cursor.closed:
+            continue
+        if conn.info.transaction_status not in _CLEAN:
+            return False
+        try:
+            cursor.close()
+        except psycopg2.ProgrammingError:
+            # "named cursor isn't valid anymore": a non-holdable cursor whose
+            # transaction ended; psycopg2 sends nothing for it, now or later.
+            if cursor.withhold or conn.info.transaction_status not in _CLEAN:
+                return False
+        except psycopg2.Error:
+            return False
     return True
 
 
@@ -101,7 +111,7 @@ class _Checkout:
     def __init__(self, wrapper: "DatabaseWrapper", pool: LocalPool, conn: Any) -> None:
         self.pool = pool
         self.conn = conn
-        self.named_cursors = False
+        self.named_cursors: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self.finalizer = weakref.finalize(wrapper, _orphans.append, (pool, conn))
         self.finalizer.atexit = False
 
@@ -233,9 +243,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         return connection
 
     def create_cursor(self, name: str | None = None) -> Any:
+        cursor = super().create_cursor(name)
         if name and self._checkout is not None:
-            self._checkout.named_cursors = True
-        return super().create_cursor(name)
+            self._checkout.named_cursors.add(cursor)
+        return cursor
 
     def _close(self) -> None:
         checkout = self._checkout
@@ -253,7 +264,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                 return None
             self.connection = None
             if checkout.named_cursors and not discard and not conn.closed:
-                discard = not _close_cursors(conn)
+                discard = not _close_named_cursors(conn, checkout.named_cursors)
             checkout.pool.putconn(conn, discard=discard)
         _give_back_orphans()
         return None
