@@ -136,3 +136,8 @@ def test_validated_once_per_wrapper(monkeypatch):
     db.settings_dict["POOL_OPTIONS"] = {"TIMEOUT": "not checked again"}
     assert len(calls) == 1
     assert db.pool_config.timeout == 30.0
+
+
+def test_django_pool_option_is_refused():
+    with pytest.raises(ImproperlyConfigured, match=r"\['OPTIONS'\]\['pool'\]"):
+        wrapper(POOL_SIZE=2, OPTIONS={"pool": True})

@@ -127,6 +127,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     def __init__(self, settings_dict: dict, alias: str = DEFAULT_DB_ALIAS) -> None:
         super().__init__(settings_dict, alias)
         self.pool_config = pool_config(settings_dict, alias)
+        if (settings_dict.get("OPTIONS") or {}).get("pool"):
+            raise ImproperlyConfigured(
+                f"DATABASES[{alias!r}]['OPTIONS']['pool'] asks for Django's psycopg 3 pool; ENGINE "
+                "'sharedpool.integrations.django' pools by itself (POOL_SIZE, POOL_OPTIONS): remove it"
+            )
         options = settings_dict.get("POOL_OPTIONS") or {}
         if "NAME" not in options:
             # Copies made by _nodb_cursor() and copy() keep this alias's pool name.
@@ -140,7 +145,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         options = self.settings_dict["OPTIONS"]
         return (_freeze(options.get("isolation_level")), _freeze(options.get("assume_role")))
 
-    def sharedpool(self) -> LocalPool:
+    def local_pool(self) -> LocalPool:
         """Return the LocalPool that connect() would check out from now."""
         return pool_for(self.pool_config, self.get_connection_params(), self._session_key())
 
