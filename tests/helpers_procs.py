@@ -246,3 +246,131 @@ class PoolWorker(GateWorker):
         if not line.startswith("ok"):
             raise AssertionError(f"get {n} failed: {line!r} {self.proc.stderr.read()}")
         return [int(p) for p in line.split()[1:]]
+
+
+# -- torture workers: module-level so a forkserver can run them ------------------------
+
+
+def _lower_priority() -> None:
+    # workers yield the CPU to the server, the coordinator and the test's samplers
+    with contextlib.suppress(OSError):
+        os.nice(10)
+
+
+def torture_pool_worker(name: str, budget: int, dsn: str) -> None:
+    """Loop on the real LocalPool from two threads: check out, query or sleep, return or discard.
+
+    10% of the holds are server-side sleeps long enough that a killed worker's
+    backend outlives it; half the connections are discarded on return, so
+    permits churn.
+    """
+    import random
+    import threading
+
+    import sharedpool
+
+    _lower_priority()
+    pool = sharedpool.LocalPool(
+        sharedpool.PoolConfig(name=name, pool_size=budget, max_per_process=2, autostart=False, timeout=60, pre_ping=None),
+        dsn,
+    )
+
+    def loop(seed: int) -> None:
+        rng = random.Random(seed)
+        while True:
+            conn = pool.getconn()
+            r = rng.random()
+            with conn.cursor() as cur:
+                if r < 0.1:
+                    cur.execute("SELECT pg_sleep(%s)", (rng.uniform(0.05, 0.3),))
+                elif r < 0.5:
+                    cur.execute("SELECT pg_sleep(%s)", (rng.uniform(0, 0.02),))
+                else:
+                    cur.execute("SELECT 1")
+                    time.sleep(rng.uniform(0, 0.02))
+            pool.putconn(conn, discard=rng.random() < 0.5)
+
+    threads = [threading.Thread(target=loop, args=(os.getpid() * 2 + i,), daemon=True) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def torture_gate_worker(name: str, budget: int, dsn: str) -> None:
+    """Loop on PermitGate and raw psycopg2: acquire, connect, hold, close synchronously, release.
+
+    The server checks for a dead client every 100 ms, so a killed worker's
+    backend in ``pg_sleep`` is gone well within RECLAIM_GRACE.
+    """
+    import random
+
+    import psycopg2
+
+    from sharedpool.permits import PermitGate
+    from sharedpool.pool import close_synchronously
+
+    _lower_priority()
+    gate = PermitGate(Ledger.attach(name))
+    gate.register()
+    rng = random.Random(os.getpid())
+    while True:
+        gate.acquire(60)
+        try:
+            conn = psycopg2.connect(
+                dsn, application_name=f"sharedpool/{name}", options="-c client_connection_check_interval=100ms"
+            )
+        except BaseException:
+            gate.release()
+            raise
+        with conn.cursor() as cur:
+            if rng.random() < 0.3:
+                cur.execute("SELECT pg_sleep(%s)", (rng.uniform(0.0, 0.2),))
+            else:
+                cur.execute("SELECT 1")
+                time.sleep(rng.uniform(0, 0.02))
+        close_synchronously(conn)
+        gate.release()
+
+
+def sample_server(dsn: str, app_name: str, budget: int, stop, results) -> None:
+    """Count ``app_name``'s client backends in pg_stat_activity until ``stop`` is set.
+
+    Runs in a process of its own at a raised priority, so neither the test's
+    GIL nor the churning workers delay it; puts a dict of results on ``results``.
+    """
+    import psycopg2
+
+    conn = psycopg2.connect(dsn, application_name="torture-sampler")
+    conn.autocommit = True
+    try:
+        # real-time, so a busy 2-CPU machine cannot stretch the interval (it sleeps between samples)
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, -10)
+    with contextlib.suppress(OSError):  # the backend answering us (not real-time: it takes spinlocks)
+        os.setpriority(os.PRIO_PROCESS, conn.info.backend_pid, -10)
+    samples = peak = late = 0
+    over: list = []
+    max_gap = 0.0
+    last = time.monotonic()
+    with conn.cursor() as cur:
+        while not stop.is_set():
+            cur.execute(
+                "SELECT pid, state, backend_start::text, query FROM pg_stat_activity "
+                "WHERE backend_type = 'client backend' AND application_name = %s",
+                (app_name,),
+            )
+            rows = cur.fetchall()
+            now = time.monotonic()
+            max_gap = max(max_gap, now - last)
+            late += now - last > 0.020
+            last = now
+            samples += 1
+            peak = max(peak, len(rows))
+            if len(rows) > budget and len(over) < 20:
+                over.append((now, rows))
+            time.sleep(0.002)
+    conn.close()
+    results.put({"samples": samples, "peak": peak, "over": over, "max_gap": max_gap, "late": late})
