@@ -440,7 +440,11 @@ def test_manage_py_test_creates_and_drops_test_db(pg, unique_name, start_coordin
 
 
 SCRIPT = """
+import logging.config
+import sharedpool  # imported before Django configures logging, as a server hook module would be
 import django
+from django.conf import settings
+settings.LOGGING = {"version": 1}  # dictConfig's default: disable_existing_loggers=True
 django.setup()
 from django.db import connection
 with connection.cursor() as cursor:

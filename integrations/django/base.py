@@ -9,6 +9,7 @@ budget. Everything else is Django's postgresql backend on psycopg2.
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 import time
 import weakref
@@ -105,6 +106,22 @@ def _close_named_cursors(conn: Any, cursors: "weakref.WeakSet[Any]") -> bool:
     return True
 
 
+def _keep_warnings_visible() -> None:
+    """Undo dictConfig's disable_existing_loggers for "sharedpool" unless LOGGING names it.
+
+    The embedded coordinator's start is announced on that logger; a LOGGING
+    setting without ``disable_existing_loggers: False`` would silence it just
+    because sharedpool was imported before Django configured logging.
+    """
+    logger = logging.getLogger("sharedpool")
+    if logger.disabled:
+        from django.conf import settings
+
+        named = (getattr(settings, "LOGGING", None) or {}).get("loggers") or {}
+        if not any(name == "sharedpool" or name.startswith("sharedpool.") for name in named):
+            logger.disabled = False
+
+
 class _Checkout:
     __slots__ = ("pool", "conn", "finalizer", "named_cursors")
 
@@ -138,6 +155,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             settings_dict["POOL_OPTIONS"] = {**options, "NAME": self.pool_config.name}
         self._checkout: _Checkout | None = None
         self._discard_on_close = False
+        _keep_warnings_visible()
 
     # -- the pool ----------------------------------------------------------------------
 
