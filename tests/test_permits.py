@@ -1,0 +1,121 @@
+"""PermitGate in one process: accounting order, timeouts, deregistration, threads."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from sharedpool.errors import PoolTimeout
+from sharedpool.ledger import Ledger, unlink
+from sharedpool.permits import PermitGate
+
+
+@pytest.fixture
+def ledger(unique_name):
+    led = Ledger.create(unique_name, 2, nslots=8)
+    try:
+        yield led
+    finally:
+        led.close()
+        unlink(unique_name)
+
+
+def test_acquire_release_accounting(ledger):
+    gate = PermitGate(ledger)
+    gate.register()
+    assert gate.slot.pid == os.getpid() and gate.slot_index == 0
+    assert gate.try_acquire() and gate.try_acquire()
+    assert not gate.try_acquire()
+    slot = gate.slot
+    assert (slot.held, slot.inflight, slot.grants, ledger.sem.value) == (2, 0, 2, 0)
+    gate.release()
+    assert (slot.held, slot.inflight, slot.releases, ledger.sem.value) == (1, 0, 1, 1)
+    gate.acquire(1.0)
+    assert (slot.held, slot.waiting, slot.inflight) == (2, 0, 0)
+    gate.deregister()
+    assert ledger.sem.value == 2 and gate.slot is None
+    assert ledger.header.grants == 3 and ledger.header.releases == 3  # folded into the header
+
+
+def test_timeout_names_budget_holders_and_waiters(ledger, unique_name):
+    gate = PermitGate(ledger)
+    gate.register()
+    gate.acquire(0.1)
+    gate.acquire(0.1)
+    pressure = []
+    gate.on_pressure = lambda: pressure.append(1)
+    start = time.monotonic()
+    with pytest.raises(PoolTimeout) as err:
+        gate.acquire(0.3)
+    assert 0.25 <= time.monotonic() - start < 2.0
+    message = str(err.value)
+    assert f"pool '{unique_name}': no permit after 0.3 s (budget 2, held by 1 workers" in message
+    assert f"pid {os.getpid()} held 2" in message and "0 waiting" in message
+    assert pressure  # waiting asks others to shed
+    slot = gate.slot
+    assert (slot.inflight, slot.waiting, slot.timeouts, slot.waits) == (0, 0, 1, 1)
+    gate.deregister()
+
+
+def test_waiter_is_in_flight_while_blocked_and_wakes_on_release(ledger):
+    gate = PermitGate(ledger)
+    gate.register()
+    gate.acquire(0.1)
+    gate.acquire(0.1)
+    got = threading.Event()
+
+    def waiter():
+        gate.acquire(5.0)
+        got.set()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    deadline = time.monotonic() + 2
+    while gate.slot.waiting != 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert (gate.slot.waiting, gate.slot.inflight) == (1, 1) and gate.slot.wait_since > 0
+    gate.release()
+    assert got.wait(2)
+    thread.join()
+    assert (gate.slot.held, gate.slot.inflight, gate.slot.waiting, gate.slot.wait_since) == (2, 0, 0, 0.0)
+    gate.deregister()
+
+
+def test_forget_leaves_the_slot_untouched(ledger):
+    gate = PermitGate(ledger)
+    gate.register()
+    gate.acquire(0.1)
+    index = gate.slot_index
+    gate.forget()  # what a forked child does
+    assert gate.slot is None and ledger.slots[index].held == 1
+    gate.deregister()  # no slot: nothing happens
+    assert ledger.sem.value == 1
+    ledger.slots[index].held = 0
+    ledger.sem.release()
+
+
+def test_many_threads_keep_exact_counts(ledger):
+    gate = PermitGate(ledger)
+    gate.register()
+    errors = []
+
+    def churn():
+        try:
+            for _ in range(300):
+                gate.acquire(5.0)
+                gate.release()
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    slot = gate.slot
+    assert (slot.held, slot.inflight, slot.waiting, ledger.sem.value) == (0, 0, 0, 2)
+    assert slot.grants == slot.releases == 1800
+    gate.deregister()
