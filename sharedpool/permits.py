@@ -19,7 +19,7 @@ import posix_ipc
 from .errors import PoolTimeout
 from .ledger import Ledger, Slot, process_start_time
 
-WAIT_SLICE = 0.25  # seconds per blocking wait, between pressure signals
+WAIT_SLICE = 2.0  # seconds per blocking wait: a long wait keeps our place in the kernel queue
 
 
 class PermitGate:

@@ -29,13 +29,14 @@ from .embedded import attach_or_start
 from .errors import PoolClosed, PoolTimeout
 from .ledger import FLAG_BACKENDS_LOCAL, MAX_BACKENDS
 from .permits import PermitGate
-from .pressure import ShedListener, request_shed
+from .pressure import ShedListener, others_waiting, request_shed
 
 log = logging.getLogger("sharedpool")
 
 CLOSE_WAIT = 2.0  # seconds to wait for the server to confirm a closed backend has exited
 SHED_PENDING_FOR = 1.0  # seconds a shed request waits for a busy connection to come back
-HANDOVER_YIELD = 0.005  # seconds a process that just handed a permit over lets the waiter take it
+MIN_STINT = 0.1  # seconds a busy connection is kept before a shed request may close it (no churn)
+HANDOVER_YIELD = 0.03  # seconds at most a process that just handed a permit over lets the waiter take it
 _IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _RESETTABLE = (psycopg2.extensions.TRANSACTION_STATUS_INTRANS, psycopg2.extensions.TRANSACTION_STATUS_INERROR)
 _LOCAL_HOSTS = frozenset(("localhost", "127.0.0.1", "::1"))
@@ -163,19 +164,25 @@ class ProcessBudget:
     def take_permit(self, deadline: float) -> None:
         """Take one permit for a connection about to open (self.open already counted it)."""
         gate = self.gate
-        since_handover = time.monotonic() - self.handed_over_at
-        if since_handover < HANDOVER_YIELD:
-            # a semaphore is not FIFO: let the waiter we just woke take the permit first
-            time.sleep(HANDOVER_YIELD - since_handover)
+        if time.monotonic() - self.handed_over_at < HANDOVER_YIELD:
+            self._let_waiters_go_first()
         if gate.try_acquire():
             return
         with self.lock:
             self.global_waiters += 1
+        self.listener.nudge()
         try:
             gate.acquire(max(deadline - time.monotonic(), 0.0))
         finally:
             with self.lock:
                 self.global_waiters -= 1
+
+    def _let_waiters_go_first(self) -> None:
+        """Don't barge: a woken waiter may need milliseconds to take the permit we posted."""
+        sem, own = self.ledger.sem, self.gate.slot_index
+        deadline = self.handed_over_at + HANDOVER_YIELD
+        while sem.value > 0 and others_waiting(self.ledger, own) and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def give_back(self, entry: _Entry | None) -> None:
         """Account a closed (or never opened) connection and post its permit."""
@@ -188,12 +195,14 @@ class ProcessBudget:
             self.cond.notify()
         self.gate.release()
 
-    def should_hand_over(self) -> bool:
+    def should_hand_over(self, entry: _Entry) -> bool:
         """Tell whether a returned connection should be closed for a waiter (under self.lock)."""
         if self.global_waiters:
             return True
         if self.shed_pending:
             now = time.monotonic()
+            if now - entry.created < MIN_STINT:
+                return False  # served too briefly: keep it, the request stays pending
             if now < self.shed_pending_until:
                 self.shed_pending -= 1
                 self.slot.sheds += 1
@@ -424,7 +433,7 @@ class LocalPool:
             discard = True
         budget = self.budget
         with budget.lock:
-            if not discard and not budget.should_hand_over() and not self.budget.closed:
+            if not discard and not budget.should_hand_over(entry) and not self.budget.closed:
                 entry.last_used = time.monotonic()
                 self._idle.append(entry)
                 budget.idle += 1

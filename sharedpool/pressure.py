@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 SHED = b"shed"
 STOP = b"stop"
+WAKE = b"wake"
+REPEAT_EVERY = 0.05  # seconds between shed requests while this process waits
 
 
 def choose_victim(ledger: Ledger, own_index: int) -> int:
@@ -46,6 +48,13 @@ def choose_victim(ledger: Ledger, own_index: int) -> int:
     return best
 
 
+def others_waiting(ledger: Ledger, own_index: int) -> bool:
+    slots = ledger.slots
+    return any(
+        slots[i].waiting and slots[i].state == SLOT_ACTIVE for i in range(ledger.header.slot_hwm) if i != own_index
+    )
+
+
 def request_shed(ledger: Ledger, own_index: int) -> int:
     """Ask the best victim to give a permit up; return its slot or -1."""
     victim = choose_victim(ledger, own_index)
@@ -66,15 +75,21 @@ class ShedListener:
     def __init__(self, budget: "ProcessBudget", pid: int, interval: float) -> None:
         self.address = channel.worker_address(budget.name, pid)
         self.sock = channel.bind(self.address)
-        self.sock.settimeout(interval)
         self.thread = threading.Thread(
-            target=self._run, args=(weakref.ref(budget), self.sock), name=f"sharedpool-{budget.name}", daemon=True
+            target=self._run, args=(weakref.ref(budget), self.sock, interval), name=f"sharedpool-{budget.name}",
+            daemon=True,
         )
         self.thread.start()
 
+    def nudge(self) -> None:
+        """Tell the thread this process now waits: it repeats shed requests until served."""
+        channel.send(self.address, WAKE)
+
     @staticmethod
-    def _run(budget_ref: "weakref.ref[ProcessBudget]", sock: socket.socket) -> None:
+    def _run(budget_ref: "weakref.ref[ProcessBudget]", sock: socket.socket, interval: float) -> None:
+        timeout = interval
         while True:
+            sock.settimeout(timeout)
             try:
                 message = sock.recv(64)
             except socket.timeout:
@@ -89,8 +104,14 @@ class ShedListener:
                 return
             if message == SHED:
                 budget.shed_one()
-            else:
+            elif message != WAKE:
                 budget.maintain()
+            if budget.global_waiters:
+                # the waiting threads sit in one long semaphore wait to keep their place in line
+                budget._on_pressure()
+                timeout = REPEAT_EVERY
+            else:
+                timeout = interval
             del budget
 
     def close(self) -> None:
