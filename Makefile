@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: help venv test test-fast demo bench bench-quick django-suite clean
+.PHONY: help venv test test-fast demo bench bench-quick bench-micro django-suite django-suite-stock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -22,6 +22,12 @@ test: $(STAMP)  ## run the whole test suite against a throwaway PostgreSQL (or D
 
 test-fast: $(STAMP)  ## the suite without the slow real-process tests
 	$(PY) -m pytest -q -m 'not slow'
+
+django-suite: $(STAMP)  ## Django 5.2's own tests (backends transactions transaction_hooks select_for_update basic) on the sharedpool ENGINE
+	scripts/django_suite.sh --engine sharedpool
+
+django-suite-stock: $(STAMP)  ## the same Django tests on the stock postgresql backend, for comparison
+	scripts/django_suite.sh --engine stock
 
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache *.egg-info

@@ -18,6 +18,9 @@ from .ledger import Ledger, is_alive
 log = logging.getLogger("sharedpool")
 
 START_TIMEOUT = 10.0
+ATTACH_PATIENCE = 2.0  # seconds a half-written ledger may take to become valid
+EMBEDDED_ARGS = ("--exit-when-idle", "2", "--remove-on-exit")
+_started: list[subprocess.Popen] = []
 
 
 def coordinator_command(config: PoolConfig, *extra: str) -> list[str]:
@@ -32,16 +35,19 @@ def coordinator_command(config: PoolConfig, *extra: str) -> list[str]:
 
 
 def start_coordinator(config: PoolConfig, *extra: str, detach: bool = True) -> subprocess.Popen:
-    """Start a coordinator process for ``config`` and wait until its ledger is there."""
+    """Start a coordinator process for ``config`` and wait until it serves its ledger."""
     process = subprocess.Popen(
         coordinator_command(config, *extra),
         stdin=subprocess.DEVNULL,
         start_new_session=detach,
         close_fds=True,
     )
+    _started.append(process)  # reaped later; dropping a running Popen warns
     deadline = time.monotonic() + START_TIMEOUT
-    while not Ledger.exists(config.name):
-        if process.poll() is not None and not Ledger.exists(config.name):
+    while not coordinator_ready(config.name):
+        if process.poll() is not None:
+            if coordinator_ready(config.name):
+                break  # another coordinator won the race to create the ledger
             raise PoolUnavailable(
                 f"pool {config.name!r}: the coordinator exited with code {process.returncode} before creating the ledger"
             )
@@ -52,13 +58,32 @@ def start_coordinator(config: PoolConfig, *extra: str, detach: bool = True) -> s
     return process
 
 
+def coordinator_ready(name: str) -> bool:
+    """Tell whether a valid ledger exists and a live coordinator has claimed it."""
+    try:
+        ledger = Ledger.attach(name)
+    except LedgerError:
+        return False
+    try:
+        header = ledger.header
+        return bool(header.coordinator_pid) and is_alive(header.coordinator_pid, header.coordinator_start)
+    finally:
+        ledger.close()
+
+
 def attach_or_start(config: PoolConfig) -> Ledger:
     """Attach to the pool's ledger; start an embedded coordinator when AUTOSTART allows."""
-    for _ in range(3):
+    _reap()
+    deadline = time.monotonic() + ATTACH_PATIENCE
+    while True:
         try:
             ledger = Ledger.attach(config.name, group=config.group)
+            break
         except LedgerError:
             if Ledger.exists(config.name):
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)  # a coordinator may be writing the header right now
+                    continue
                 raise
             if not config.autostart:
                 raise PoolUnavailable(
@@ -66,20 +91,21 @@ def attach_or_start(config: PoolConfig) -> Ledger:
                     f"`sharedpool coordinator --name {config.name} --budget {config.pool_size}` "
                     "or set AUTOSTART"
                 ) from None
-            process = start_coordinator(config, "--exit-when-idle", "2", "--remove-on-exit")
+            process = start_coordinator(config, *EMBEDDED_ARGS)
             log.warning(
                 "sharedpool: started an embedded coordinator for pool %r (pid %d, budget %d); "
                 "it exits 2 s after the last worker",
                 config.name, process.pid, config.pool_size,
             )
-            continue
-        check_budget(ledger, config)
-        header = ledger.header
-        if config.autostart and not (header.coordinator_pid and is_alive(header.coordinator_pid, header.coordinator_start)):
-            log.warning("sharedpool: pool %r has no live coordinator; starting one to resume reclaim", config.name)
-            start_coordinator(config, "--exit-when-idle", "2", "--remove-on-exit")
-        return ledger
-    raise PoolUnavailable(f"pool {config.name!r}: the ledger vanished while attaching (a coordinator was exiting)")
+    check_budget(ledger, config)
+    if config.autostart and not coordinator_ready(config.name):
+        log.warning("sharedpool: pool %r has no live coordinator; starting one to resume reclaim", config.name)
+        start_coordinator(config, *EMBEDDED_ARGS)
+    return ledger
+
+
+def _reap() -> None:
+    _started[:] = [process for process in _started if process.poll() is None]
 
 
 def check_budget(ledger: Ledger, config: PoolConfig) -> None:
