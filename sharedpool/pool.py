@@ -94,6 +94,7 @@ class ProcessBudget:
         self.idle = 0
         self.in_use = 0
         self.global_waiters = 0
+        self.local_waiters = 0  # threads of this process waiting at the per-process cap
         self.shed_pending = 0
         self.shed_pending_until = 0.0
         self.handed_over_at = 0.0
@@ -334,7 +335,12 @@ class LocalPool:
                 if not waited:
                     self._stats["requests_waiting"] += 1
                     waited = True
-                if remaining <= 0 or not budget.cond.wait(remaining):
+                budget.local_waiters += 1
+                try:
+                    woken = remaining > 0 and budget.cond.wait(remaining)
+                finally:
+                    budget.local_waiters -= 1
+                if not woken:
                     if self._idle or budget.open < budget.max_open:
                         continue
                     self._stats["requests_errors"] += 1
@@ -418,7 +424,7 @@ class LocalPool:
         if entry is None:
             return  # dropped after fork, or already returned
         if not discard and not conn.closed:
-            status = conn.info.transaction_status
+            status = conn.get_transaction_status()
             if status != _IDLE:
                 if status in _RESETTABLE:
                     try:
@@ -439,7 +445,8 @@ class LocalPool:
                 budget.idle += 1
                 budget.in_use -= 1
                 budget._publish()
-                budget.cond.notify()
+                if budget.local_waiters:
+                    budget.cond.notify()
                 return
             budget.in_use -= 1
             budget._publish()
