@@ -10,6 +10,7 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 $(STAMP): pyproject.toml
+	PYTHON=$(PYTHON) devtools/system-deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -19,6 +20,9 @@ venv: $(STAMP)  ## create .venv with the package and its test extras
 
 test: $(STAMP)  ## run the whole test suite against a throwaway PostgreSQL (or DATABASE_URL)
 	$(PY) -m pytest -q
+
+demo: $(STAMP)  ## the demo: gunicorn workers > budget under load, sharedpool vs the stock backend (~1 min)
+	$(PY) examples/demo/run_demo.py
 
 test-fast: $(STAMP)  ## the suite without the slow real-process tests
 	$(PY) -m pytest -q -m 'not slow'

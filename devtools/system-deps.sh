@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Install what pip cannot: the PostgreSQL server binaries (the tests and the
+# demo start their own throwaway cluster with them), a `postgres` OS user
+# (initdb refuses root), and a C compiler with Python headers (uwsgi builds
+# from source). Does nothing when everything is already there. Needs root
+# (apt-get) only when something is missing.
+set -euo pipefail
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+log() { printf '=== system-deps: %s\n' "$*"; }
+
+apt_updated=0
+apt_install() {
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "system-deps: missing $*; install them (apt-get install $*) or run as root" >&2
+        exit 1
+    fi
+    if [[ $apt_updated -eq 0 ]]; then
+        apt-get update -qq
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+have_initdb() {
+    command -v initdb >/dev/null 2>&1 || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
+}
+
+if ! have_initdb; then
+    log "installing the PostgreSQL server (apt: postgresql)"
+    apt_install postgresql
+fi
+if [[ $(id -u) -eq 0 ]] && ! id postgres >/dev/null 2>&1; then
+    log "creating the postgres OS user"
+    useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+fi
+
+need=()
+command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+command -v make >/dev/null 2>&1 || need+=(make)
+if command -v "$PYTHON" >/dev/null 2>&1; then
+    include=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+    [[ -f "$include/Python.h" ]] || need+=(python3-dev)
+    "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+else
+    need+=(python3 python3-venv python3-dev)
+fi
+if [[ ${#need[@]} -gt 0 ]]; then
+    log "installing build dependencies: ${need[*]}"
+    apt_install "${need[@]}"
+fi
