@@ -20,22 +20,7 @@ MAX_PER_PROCESS_LIMIT = 64  # backend pids tracked per ledger slot
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PoolConfig:
-    """Settings of one pool; the scope of each knob is in its first doc line.
-
-    NAME            pool name, per host: workers with the same name share one budget.
-    POOL_SIZE       budget per host: server connections of all workers together.
-    MAX_PER_PROCESS connections one worker process may hold (default: POOL_SIZE).
-    MIN_IDLE        idle connections per process that MAX_IDLE never closes.
-    TIMEOUT         seconds a checkout waits for a permit before PoolTimeout.
-    RECYCLE         seconds after which a connection is replaced (None: never).
-    MAX_IDLE        seconds after which an idle connection is closed (None: never).
-    PRE_PING        seconds idle after which checkout pings first (None: never, 0: always).
-    CHECK_INTERVAL  seconds, the server's client_connection_check_interval on every connection.
-    RECLAIM_GRACE   seconds the coordinator waits before returning a dead worker's permits
-                    when it cannot see the worker's backends exit (remote server).
-    AUTOSTART       start a coordinator on demand when none runs for NAME.
-    GROUP           OS group allowed to share the pool (mode 0660 instead of 0600).
-    """
+    """Settings of one pool. What each key means, and its scope, is documented once: README.md, "Settings"."""
 
     name: str = "default"
     pool_size: int
