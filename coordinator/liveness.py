@@ -7,6 +7,7 @@ arrive as events in the coordinator's selector; where pidfd_open is missing,
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import selectors
 
@@ -35,6 +36,10 @@ class Watcher:
                 pidfd = os.pidfd_open(pid)
             except ProcessLookupError:
                 return False
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                return False  # its main thread is gone while others finish: it is exiting
         # the start time is checked after the pidfd exists, so a reused pid cannot slip in
         if process_start_time(pid) != start_time:
             if pidfd is not None:
