@@ -423,9 +423,19 @@ class Coordinator:
             self._audit_state = None
             log.warning("pool %r: audit returned %d leaked permit(s)", self.name, missing)
         elif value + held > physical:
+            # More free plus recorded than exist: something posted twice (a worker still on a
+            # semaphore that was recreated, a foreign post). Take the excess back as it frees.
+            excess, taken = value + held - physical, 0
+            for _ in range(value + held - physical):
+                try:
+                    ledger.sem.acquire(0)
+                except posix_ipc.BusyError:
+                    break
+                taken += 1
+            self._audit_state = None
             log.error(
-                "pool %r: semaphore %d + held %d exceeds the %d permits in circulation",
-                self.name, value, held, physical,
+                "pool %r: semaphore %d + held %d exceeds the %d permits in circulation; took back %d of %d",
+                self.name, value, held, physical, taken, excess,
             )
 
     def _waiters_stopped(self) -> bool:

@@ -205,6 +205,8 @@ class Ledger:
         self.header = Header.from_buffer(self._map)
         self.slots = (Slot * self.header.nslots).from_buffer(self._map, ctypes.sizeof(Header))
         self._thread_lock = threading.Lock()
+        self._old_sems: list[posix_ipc.Semaphore] = []
+        self._sem_inode = _sem_inode(name)
 
     # -- creation and attachment -------------------------------------------------
 
@@ -229,6 +231,8 @@ class Ledger:
         ledger._inode = os.fstat(shm.fd).st_ino
         ledger._map = mmap.mmap(shm.fd, shm.size)
         ledger._thread_lock = threading.Lock()
+        ledger._old_sems = []
+        ledger._sem_inode = _sem_inode(name)
         header = Header.from_buffer(ledger._map)
         header.version = LAYOUT_VERSION
         header.header_size = ctypes.sizeof(Header)
@@ -277,6 +281,22 @@ class Ledger:
             return os.stat(f"/dev/shm/{ipc_names(self.name)[0][1:]}").st_ino == self._inode
         except FileNotFoundError:
             return False
+
+    def reopen_semaphore(self) -> posix_ipc.Semaphore:
+        """Follow the semaphore name to the object a coordinator recreated; return the current one.
+
+        The old handle stays open: another thread may be blocked on it.
+        """
+        inode = _sem_inode(self.name)
+        if inode is None or inode == self._sem_inode:
+            return self.sem
+        try:
+            sem = posix_ipc.Semaphore(ipc_names(self.name)[1])
+        except posix_ipc.Error:
+            return self.sem
+        self._old_sems.append(self.sem)
+        self.sem, self._sem_inode = sem, inode
+        return sem
 
     def after_fork_in_child(self) -> None:
         """The mapping stays valid; a lock another thread held at fork would not."""
@@ -483,6 +503,13 @@ def validate_segment(name: str, fd: int, path: str, group: str | None = None) ->
         )
     if header.budget == 0 or header.slot_hwm > header.nslots:
         raise LedgerError(f"pool {name!r}: {path} is corrupt (budget {header.budget}, slot_hwm {header.slot_hwm})")
+
+
+def _sem_inode(name: str) -> int | None:
+    try:
+        return os.stat(f"/dev/shm/sem.{ipc_names(name)[1][1:]}").st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _group_id(group: str) -> int:

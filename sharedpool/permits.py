@@ -34,6 +34,7 @@ class PermitGate:
         self.name = ledger.name
         self.on_pressure = on_pressure
         self._sem = ledger.sem
+        self._epoch = ledger.header.epoch
         self._lock = threading.Lock()
         self.slot: Slot | None = None
         self.slot_index = -1
@@ -56,8 +57,9 @@ class PermitGate:
             slot.inflight += count
             slot.held = 0
             slot.releases += count
+        sem = self._current_sem()
         for _ in range(count):
-            self._sem.release()
+            sem.release()
         with self._lock:
             slot.inflight -= count
         self.ledger.free_slot(self.slot_index)
@@ -69,12 +71,22 @@ class PermitGate:
         self.slot_index = -1
         self._lock = threading.Lock()
 
+    def _current_sem(self) -> posix_ipc.Semaphore:
+        """The semaphore to use; after an epoch change (adoption, reload) it may have been recreated."""
+        epoch = self.ledger.header.epoch
+        if epoch != self._epoch:
+            self._epoch = epoch
+            ledger = self.ledger
+            self._sem = ledger.sem if ledger.sem is not self._sem else ledger.reopen_semaphore()
+        return self._sem
+
     def try_acquire(self) -> bool:
         slot = self.slot
+        sem = self._current_sem()
         with self._lock:
             slot.inflight += 1
         try:
-            self._sem.acquire(0)
+            sem.acquire(0)
         except posix_ipc.BusyError:
             with self._lock:
                 slot.inflight -= 1
@@ -105,7 +117,7 @@ class PermitGate:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                if wait_for_permit(self._sem, min(remaining, WAIT_SLICE)):
+                if wait_for_permit(self._current_sem(), min(remaining, WAIT_SLICE)):
                     acquired = True
                     break
         finally:
@@ -127,11 +139,12 @@ class PermitGate:
 
     def release(self) -> None:
         slot = self.slot
+        sem = self._current_sem()
         with self._lock:
             slot.inflight += 1
             slot.held -= 1
             slot.releases += 1
-        self._sem.release()
+        sem.release()
         with self._lock:
             slot.inflight -= 1
 
@@ -155,8 +168,12 @@ def wait_for_permit(sem: posix_ipc.Semaphore, timeout: float) -> bool:
 
 
 def _sem_wait(sem: posix_ipc.Semaphore, timeout: float) -> bool:
-    try:
-        sem.acquire(timeout)
-    except posix_ipc.BusyError:
-        return False
-    return True
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sem.acquire(max(0.0, deadline - time.monotonic()))
+        except posix_ipc.BusyError:
+            return False
+        except posix_ipc.SignalError:
+            continue  # a server's signal (HUP, TERM to an old worker) ran its handler: wait on
+        return True

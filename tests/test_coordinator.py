@@ -213,3 +213,105 @@ def test_audit_repairs_leak_while_another_worker_waits(unique_name):
             holder.exit()
             waiter.exit()
         assert sem_free(unique_name) == 2
+
+
+def test_sigterm_leaves_objects_by_default(unique_name):
+    coord = CoordinatorProc(unique_name, 2, remove_on_exit=False)
+    try:
+        assert coord.stop(signal.SIGTERM) == 0
+        assert Ledger.exists(unique_name)
+        assert os.path.exists(f"/dev/shm/sem.{ipc_names(unique_name)[1][1:]}")
+        assert "ledger left for 0 running worker(s)" in coord.log()
+        ledger = Ledger.attach(unique_name)
+        try:
+            assert ledger.header.coordinator_pid == 0  # stopped cleanly: nobody mistakes it for alive
+        finally:
+            ledger.close()
+    finally:
+        coord.close()
+        unlink(unique_name)
+
+
+def test_sigterm_with_remove_on_exit_removes_objects(unique_name):
+    with coordinator(unique_name, 2) as coord:
+        assert coord.stop(signal.SIGTERM) == 0
+        assert not Ledger.exists(unique_name)
+        assert not os.path.exists(f"/dev/shm/sem.{ipc_names(unique_name)[1][1:]}")
+        assert "removed /dev/shm/sharedpool." in coord.log()
+
+
+def test_missing_semaphore_is_recreated_from_the_ledger(unique_name):
+    coord = CoordinatorProc(unique_name, 4, remove_on_exit=False)
+    worker = GateWorker(unique_name)
+    try:
+        worker.do("acquire 3")
+        coord.stop(signal.SIGKILL)
+        posix_ipc.unlink_semaphore(ipc_names(unique_name)[1])  # e.g. systemd RemoveIPC=yes
+        with coordinator(unique_name, 4) as second:
+            assert "recreated the missing semaphore with 1 free permit(s)" in second.log()
+            assert sem_free(unique_name) == 1  # the live worker's 3 permits stay counted
+            # the worker follows the new semaphore (the epoch moved): its release and
+            # acquires go there, not into the unlinked one it still has open
+            worker.do("release 1")
+            assert sem_free(unique_name) == 2
+            worker.do("acquire 2")
+            assert sem_free(unique_name) == 0
+            other = GateWorker(unique_name, timeout=0.3)
+            other.proc.stdin.write("acquire 1\n")
+            other.proc.stdin.flush()
+            assert other.proc.wait(5) != 0 and "PoolTimeout" in other.proc.stderr.read()  # cap: 4
+            other.kill()
+            worker.kill()
+            # its permits go back into the new semaphore, not the unlinked one it held open
+            wait_until(lambda: sem_free(unique_name) == 4, 2.0, what="reclaim into the new semaphore")
+    finally:
+        worker.kill()
+        coord.close()
+        unlink(unique_name)
+
+
+def test_exit_when_idle(unique_name):
+    with coordinator(unique_name, 2, "--exit-when-idle", "1.5") as coord:
+        worker = GateWorker(unique_name)
+        time.sleep(1.8)
+        assert coord.proc.poll() is None  # a worker is registered
+        worker.exit()
+        assert coord.proc.wait(5) == 0
+        assert "no worker for 1.5 s, exiting" in coord.log()
+        assert not Ledger.exists(unique_name)
+
+
+def test_exit_with_parent_waits_for_its_workers(unique_name):
+    parent = subprocess.Popen(["sleep", "30"])
+    try:
+        with coordinator(unique_name, 2, "--exit-with", str(parent.pid)) as coord:
+            worker = GateWorker(unique_name)
+            parent.kill()
+            parent.wait()
+            time.sleep(0.4)
+            assert coord.proc.poll() is None  # the worker still runs
+            worker.kill()
+            assert coord.proc.wait(5) == 0
+            assert "the server that started this coordinator is gone" in coord.log()
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_exit_notice_reclaims_at_once(unique_name):
+    """gunicorn's child_exit sends "exit PID": the coordinator acts without waiting for pidfd."""
+    from sharedpool import channel
+
+    with coordinator(unique_name, 2):
+        worker = GateWorker(unique_name)
+        worker.do("acquire 2")
+        worker.kill()
+        channel.send(channel.coordinator_address(unique_name), f"exit {worker.pid}".encode())
+        wait_until(lambda: sem_free(unique_name) == 2, 2.0)
+
+
+def test_sighup_reconciles_and_keeps_running(unique_name):
+    with coordinator(unique_name, 2) as coord:
+        coord.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "SIGHUP: reconciling" in coord.log(), 2.0)
+        assert coord.proc.poll() is None
