@@ -34,6 +34,7 @@ class PermitGate:
         self.name = ledger.name
         self.on_pressure = on_pressure
         self._sem = ledger.sem
+        self._header = ledger.header
         self._epoch = ledger.header.epoch
         self._lock = threading.Lock()
         self.slot: Slot | None = None
@@ -73,7 +74,7 @@ class PermitGate:
 
     def _current_sem(self) -> posix_ipc.Semaphore:
         """The semaphore to use; after an epoch change (adoption, reload) it may have been recreated."""
-        epoch = self.ledger.header.epoch
+        epoch = self._header.epoch
         if epoch != self._epoch:
             self._epoch = epoch
             ledger = self.ledger
@@ -81,20 +82,24 @@ class PermitGate:
         return self._sem
 
     def try_acquire(self) -> bool:
+        """Take a permit if one is free right now.
+
+        The lock is held across the non-blocking semaphore call: one lock
+        round trip instead of two, and the crash order is unchanged
+        (``inflight`` is written before the semaphore moves).
+        """
         slot = self.slot
-        sem = self._current_sem()
+        sem = self._sem if self._header.epoch == self._epoch else self._current_sem()
         with self._lock:
             slot.inflight += 1
-        try:
-            sem.acquire(0)
-        except posix_ipc.BusyError:
-            with self._lock:
+            try:
+                sem.acquire(0)
+            except posix_ipc.BusyError:
                 slot.inflight -= 1
-            return False
-        with self._lock:
+                return False
             slot.held += 1
-            slot.inflight -= 1
             slot.grants += 1
+            slot.inflight -= 1
         return True
 
     def acquire(self, timeout: float) -> None:
@@ -138,14 +143,14 @@ class PermitGate:
             raise self.timeout_error(timeout)
 
     def release(self) -> None:
+        """Give one permit back: unrecord it, then post (a crash in between leaks, never duplicates)."""
         slot = self.slot
-        sem = self._current_sem()
+        sem = self._sem if self._header.epoch == self._epoch else self._current_sem()
         with self._lock:
             slot.inflight += 1
             slot.held -= 1
             slot.releases += 1
-        sem.release()
-        with self._lock:
+            sem.release()
             slot.inflight -= 1
 
     def timeout_error(self, timeout: float) -> PoolTimeout:
