@@ -13,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import Mapping
 
-from sharedpool import channel
+from sharedpool import channel, forksafe
 from sharedpool.config import ENV_PREFIX, PoolConfig
 
 log = logging.getLogger("sharedpool.integrations")
@@ -135,29 +135,13 @@ def notify_exit(names: list[str], pid: int) -> None:
 
 # -- the worker ------------------------------------------------------------------------------------
 
-_forksafe_ran_in = 0
-
-
-def _mark_forksafe_ran() -> None:
-    global _forksafe_ran_in
-    _forksafe_ran_in = os.getpid()
-
-
-os.register_at_fork(after_in_child=_mark_forksafe_ran)
-
-
 def after_fork_in_child() -> None:
     """Run sharedpool's fork-safety hooks in this child unless ``os.fork`` already did.
 
     Servers that fork from C (uWSGI) skip ``os.register_at_fork`` hooks; without
     this the child would believe it owns the parent's connections and slot.
     """
-    if _forksafe_ran_in == os.getpid():
-        return
-    _mark_forksafe_ran()
-    from sharedpool import forksafe
-
-    forksafe._after_fork_in_child()
+    forksafe.after_fork_in_child()
 
 
 def close_worker_pools() -> None:

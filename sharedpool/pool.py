@@ -136,7 +136,12 @@ class ProcessBudget:
         self.ledger = ledger  # the mapping and semaphore are inherited and valid here
 
     def close(self) -> None:
-        """Close every connection of this process and free its slot (normal exit)."""
+        """Close this process's idle connections and free its slot once nothing is open (exit).
+
+        Connections other threads still have checked out keep their permits
+        until they come back (then they are closed), or until the process dies
+        and the coordinator sees their backends gone: never before.
+        """
         if self.pid != os.getpid():
             return
         for pool in list(self.pools):
@@ -145,9 +150,16 @@ class ProcessBudget:
             self.closed = True
             if self.listener is not None:
                 self.listener.close()
-            if self.gate is not None:
-                self.gate.deregister()
-        self.pid = 0
+                self.listener = None
+            finished = self.open == 0
+        if finished:
+            self._deregister()
+
+    def _deregister(self) -> None:
+        with self.lock:
+            gate, self.gate = self.gate, None
+        if gate is not None:
+            gate.deregister()
 
     # -- permits and the per-process cap ---------------------------------------------
 
@@ -194,7 +206,10 @@ class ProcessBudget:
                 self.backend_free.append(entry.backend_index)
                 self.slot.closed += 1
             self.cond.notify()
+            last = self.closed and self.open == 0
         self.gate.release()
+        if last:
+            self._deregister()
 
     def should_hand_over(self, entry: _Entry) -> bool:
         """Tell whether a returned connection should be closed for a waiter (under self.lock)."""

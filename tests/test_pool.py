@@ -48,7 +48,9 @@ def test_checkout_reuses_the_warmest_connection_first(make_pool):
     pid_a, pid_b = backend_pid(a), backend_pid(b)
     pool.putconn(a)
     pool.putconn(b)
-    assert backend_pid(pool.getconn()) == pid_b  # LIFO: last returned, first out
+    warmest = pool.getconn()
+    assert backend_pid(warmest) == pid_b  # LIFO: last returned, first out
+    pool.putconn(warmest)
     assert pool.get_stats()["connections_num"] == 2
     assert pid_a != pid_b
 
@@ -75,6 +77,7 @@ def test_failed_transaction_is_rolled_back_on_return(make_pool):
     again = pool.getconn()
     assert again is conn
     assert again.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+    pool.putconn(again)
 
 
 def test_max_per_process_and_timeout_message(make_pool):
@@ -234,6 +237,19 @@ def test_fork_child_uses_its_own_connections_and_permits(make_pool, unique_name)
     pool.putconn(kept)
     ledger = pool.budget.ledger
     assert wait_until(lambda: ledger.sem.value == 4 - pool.budget.open)
+
+
+def test_closing_keeps_the_permits_of_connections_still_checked_out(make_pool, unique_name):
+    pool = make_pool(pool_size=4)
+    busy = pool.getconn()
+    pool.putconn(pool.getconn())
+    ledger = pool.budget.ledger
+    pool.budget.close()  # e.g. worker_exit while a gthread request is still running
+    assert ledger.sem.value == 3  # the idle one went back; the busy one still counts
+    assert backend_pid(busy)
+    pool.putconn(busy)  # returned after close: closed for real, permit back, slot freed
+    assert ledger.sem.value == 4
+    assert busy.closed
 
 
 def test_a_killed_child_returns_its_permits(make_pool, unique_name):
