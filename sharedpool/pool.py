@@ -36,6 +36,7 @@ log = logging.getLogger("sharedpool")
 CLOSE_WAIT = 2.0  # seconds to wait for the server to confirm a closed backend has exited
 SHED_PENDING_FOR = 1.0  # seconds a shed request waits for a busy connection to come back
 MIN_STINT = 0.1  # seconds a busy connection is kept before a shed request may close it (no churn)
+IDLE_SETTLED = 0.02  # seconds idle after which a connection is not merely between two requests
 HANDOVER_YIELD = 0.03  # seconds at most a process that just handed a permit over lets the waiter take it
 _IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _RESETTABLE = (psycopg2.extensions.TRANSACTION_STATUS_INTRANS, psycopg2.extensions.TRANSACTION_STATUS_INERROR)
@@ -219,35 +220,59 @@ class ProcessBudget:
             now = time.monotonic()
             if now - entry.created < MIN_STINT:
                 return False  # served too briefly: keep it, the request stays pending
-            if now < self.shed_pending_until:
+            if now < self.shed_pending_until and others_waiting(self.ledger, self.gate.slot_index):
                 self.shed_pending -= 1
                 self.slot.sheds += 1
                 self.handed_over_at = now
                 return True
-            self.shed_pending = 0
+            self.shed_pending = 0  # expired, or the waiter was served meanwhile
         return False
 
     # -- shedding and expiry (listener thread) ---------------------------------------
 
-    def shed_one(self) -> None:
-        """Close the least recently used idle connection for a waiter elsewhere."""
+    def shed_one(self, requested: bool = True) -> None:
+        """Close the least recently used idle connection for a waiter elsewhere.
+
+        Called by the listener for each request, and again (``requested=False``)
+        while a request is pending and an idle connection is about to settle.
+        """
         if self.pid != os.getpid():
             return
+        now = time.monotonic()
         with self.lock:
-            entry = self._pop_lru_idle()
-            if entry is None:
-                if self.in_use:
-                    self.shed_pending = min(self.shed_pending + 1, self.in_use)
-                    self.shed_pending_until = time.monotonic() + SHED_PENDING_FOR
+            if not requested and not (self.shed_pending and others_waiting(self.ledger, self.gate.slot_index)):
+                self.shed_pending = 0
                 return
+            entry = self._pop_lru_idle(settled_by=now)
+            if entry is None:
+                if requested and (self.in_use or self.idle):
+                    # busy, or idle only for a moment between requests: hand over after the stint
+                    self.shed_pending = min(self.shed_pending + 1, self.in_use + self.idle)
+                    self.shed_pending_until = now + SHED_PENDING_FOR
+                return
+            if not requested:
+                self.shed_pending -= 1
             self.slot.sheds += 1
-            self.handed_over_at = time.monotonic()
+            self.handed_over_at = now
         entry.pool._close_entry(entry)
 
-    def _pop_lru_idle(self, exclude: "LocalPool | None" = None) -> _Entry | None:
+    def _pop_lru_idle(self, exclude: "LocalPool | None" = None, settled_by: float | None = None) -> _Entry | None:
+        """Pop the least recently used idle connection (under self.lock).
+
+        With ``settled_by`` (now), only one that served its minimum stint or has
+        really gone idle qualifies: shedding a connection between two requests
+        of a busy worker would only trade permits for reconnects.
+        """
         victim = None
         for pool in self.pools:
-            if pool is not exclude and pool._idle and (victim is None or pool._idle[0].last_used < victim._idle[0].last_used):
+            if pool is exclude or not pool._idle:
+                continue
+            oldest = pool._idle[0]
+            if settled_by is not None and not (
+                settled_by - oldest.created >= MIN_STINT or settled_by - oldest.last_used >= IDLE_SETTLED
+            ):
+                continue
+            if victim is None or oldest.last_used < victim._idle[0].last_used:
                 victim = pool
         if victim is None:
             return None

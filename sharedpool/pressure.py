@@ -23,6 +23,7 @@ SHED = b"shed"
 STOP = b"stop"
 WAKE = b"wake"
 REPEAT_EVERY = 0.05  # seconds between shed requests while this process waits
+SETTLE_CHECK = 0.005  # seconds between checks while a shed request waits for an idle connection to settle
 
 
 def choose_victim(ledger: Ledger, own_index: int) -> int:
@@ -104,12 +105,16 @@ class ShedListener:
                 return
             if message == SHED:
                 budget.shed_one()
+            elif message == b"" and budget.shed_pending and budget.idle:
+                budget.shed_one(requested=False)
             elif message != WAKE:
                 budget.maintain()
             if budget.global_waiters:
                 # the waiting threads sit in one long semaphore wait to keep their place in line
                 budget._on_pressure()
                 timeout = REPEAT_EVERY
+            elif budget.shed_pending and budget.idle:
+                timeout = SETTLE_CHECK  # a requested idle connection is about to settle
             else:
                 timeout = interval
             del budget
