@@ -573,7 +573,7 @@ def run_one(ctx: dict, scenario: str, view: str, paths: str, strategy: str, rep:
     sc = SCENARIOS[scenario]
     server: Server = ctx["server"]
     args = ctx["args"]
-    duration = max(args.duration, sc.get("min_duration", 0))
+    duration = max(args.duration, sc.get("min_duration", 0) - (1 if args.quick else 0))
     budget, workers, threads = sc["budget"], sc["workers"], sc["threads"]
     rec: dict = {
         "kind": "run", "run_id": ctx["run_id"], "started_at": _dt.datetime.now(
@@ -634,7 +634,7 @@ def run_one(ctx: dict, scenario: str, view: str, paths: str, strategy: str, rep:
             cmd += ["-c", "python:sharedpool.integrations.gunicorn"]
         cmd += ["--bind", f"127.0.0.1:{port}", "--workers", str(workers),
                 "--worker-class", sc["worker_class"], "--timeout", "60",
-                "--graceful-timeout", "10", "--log-level", "warning", "--backlog", "2048"]
+                "--graceful-timeout", "5", "--log-level", "warning", "--backlog", "2048"]
         if sc["worker_class"] == "gthread":
             cmd += ["--threads", str(threads)]
         if sc.get("max_requests"):
@@ -660,7 +660,7 @@ def run_one(ctx: dict, scenario: str, view: str, paths: str, strategy: str, rep:
         # warm-up: workers import the app and connect (where they keep connections)
         first = paths.split(",")[0]
         warm(port, first.rsplit(":", 1)[0] if re.search(r":\d+$", first) else first,
-             workers * threads, 4 * workers * threads)
+             workers * threads, 2 * workers * threads)
 
         sampler = Sampler(server)
         sessions0 = sessions_count(server)
@@ -707,7 +707,9 @@ def run_one(ctx: dict, scenario: str, view: str, paths: str, strategy: str, rep:
         # keep sampling until the server is stopped: connections that outlive
         # the load (or a reload's old workers) still count for the peak
         sessions1 = sessions_count(server)
-        stop_group(gun, signal.SIGTERM, grace=20)
+        # SIGINT: gunicorn's quick shutdown (SIGTERM would wait for workers
+        # still booting after a HUP); on_exit hooks still run
+        stop_group(gun, signal.SIGINT, grace=10)
         if bouncer:
             bouncer.stop()
             bouncer = None
@@ -995,7 +997,8 @@ def parse_args(argv=None):
                     "and report throughput, latency and the server's real connection count.",
         epilog="Scenarios: " + "; ".join(f"{k}: {v['desc']}" for k, v in SCENARIOS.items()))
     ap.add_argument("--quick", action="store_true",
-                    help="short runs (2 s each, S4 5 s, S2 only the 10 ms view) to finish in < 3 min")
+                    help="short runs (2 s each, S4 4 s, S2 only the 10 ms view, one repetition) "
+                         "to finish in < 3 min")
     ap.add_argument("--scenarios", default=None,
                     help="comma list of " + ",".join(SCENARIOS) + " (default: all)")
     ap.add_argument("--strategies", default=None,
