@@ -32,7 +32,7 @@ def test_bench_one_short_variant(pg, tmp_path):
     env = dict(os.environ, DATABASE_URL=pg.url)
     proc = subprocess.run(
         [sys.executable, RUN, "--scenarios", "S1", "--strategies", "persistent",
-         "--duration", "3", "--out", str(out)],
+         "--duration", "3", "--repeat", "1", "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "S1/read" in proc.stdout  # progress lines
