@@ -27,6 +27,21 @@ demo: $(STAMP)  ## the demo: gunicorn workers > budget under load, sharedpool vs
 test-fast: $(STAMP)  ## the suite without the slow real-process tests
 	$(PY) -m pytest -q -m 'not slow'
 
+bench: $(STAMP)  ## full benchmark (~20-25 min): 5 strategies x S1-S5, 3 interleaved repetitions; JSON + PNGs in bench/results/
+	VENV=$(VENV) PYTHON=$(PYTHON) bash bench/setup.sh
+	$(PY) bench/run.py
+	$(PY) bench/plot.py
+
+bench-quick: $(STAMP)  ## short benchmark (2 s runs) of the same scenarios
+	VENV=$(VENV) PYTHON=$(PYTHON) bash bench/setup.sh
+	$(PY) bench/run.py --quick
+	$(PY) bench/plot.py
+
+bench-micro: $(STAMP)  ## in-process micro-benchmarks: warm checkout + return, permit acquire + release
+	VENV=$(VENV) PYTHON=$(PYTHON) bash bench/setup.sh
+	$(PY) bench/bench_checkout.py
+	$(PY) bench/bench_permits.py
+
 django-suite: $(STAMP)  ## Django 5.2's own tests (backends transactions transaction_hooks select_for_update basic) on the sharedpool ENGINE
 	scripts/django_suite.sh --engine sharedpool
 
