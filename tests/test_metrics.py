@@ -1,0 +1,35 @@
+"""Prometheus exposition of a live ledger."""
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from sharedpool.coordinator.metrics import LedgerCollector
+from sharedpool.ledger import Ledger
+from sharedpool.permits import PermitGate
+from tests.poolkit import coordinator
+
+
+def test_scrape_reports_budget_holders_and_counters(unique_name):
+    with coordinator(unique_name, 3):
+        ledger = Ledger.attach(unique_name)
+        gate = PermitGate(ledger)
+        gate.register()
+        try:
+            gate.acquire(1)
+            gate.acquire(1)
+            registry = CollectorRegistry()
+            registry.register(LedgerCollector([ledger]))
+            text = generate_latest(registry).decode()
+        finally:
+            gate.release()
+            gate.release()
+            gate.deregister()
+            ledger.close()
+    pool = f'pool="{unique_name}"'
+    assert f"sharedpool_budget{{{pool}}} 3.0" in text
+    assert f"sharedpool_free_permits{{{pool}}} 1.0" in text
+    assert f"sharedpool_held_permits{{{pool}}} 2.0" in text
+    assert f"sharedpool_grants_total{{{pool}}} 2.0" in text
+    assert f'sharedpool_worker_held_permits{{pid="{os.getpid()}",{pool}}} 2.0' in text
