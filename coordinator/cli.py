@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 
@@ -67,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--name", type=_pool_name, default="default", help="pool name (default: %(default)s)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("--watch", type=_seconds, metavar="SECONDS", help="repeat every SECONDS until interrupted")
+    status.add_argument("--rate-window", type=_seconds, default=1.0, metavar="SECONDS",
+                        help="measure rates (connections opened per second, sheds, waits) over SECONDS before the "
+                        "first report; 0: no rates (default: %(default)s)")
+
+    metrics = sub.add_parser("metrics", help="serve Prometheus metrics of one or more pools over HTTP")
+    metrics.add_argument("--name", type=_pool_name, action="append", required=True, help="pool name (repeat for several)")
+    metrics.add_argument("--port", type=_positive_int, default=9187, help="TCP port (default: %(default)s)")
+    metrics.add_argument("--addr", default="127.0.0.1", help="address to listen on (default: %(default)s)")
 
     reload = sub.add_parser("reload", help="change the budget of a running pool")
     reload.add_argument("--name", type=_pool_name, default="default", help="pool name (default: %(default)s)")
@@ -114,16 +123,42 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     ledger = Ledger.attach(args.name)
     try:
+        previous, taken = None, time.monotonic()
+        if args.rate_window:
+            previous = ledger.snapshot()
+            time.sleep(args.rate_window)
         while True:
-            status = snapshot_dict(ledger.snapshot())
+            now = time.monotonic()
+            snap = ledger.snapshot()
+            status = snapshot_dict(snap, previous=previous, elapsed=now - taken)
             print(json.dumps(status) if args.json else format_table(status), flush=True)
             if args.watch is None:
                 return 0
+            previous, taken = snap, now
             time.sleep(args.watch)
             if not args.json:
                 print()
     finally:
         ledger.close()
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    try:
+        from prometheus_client import CollectorRegistry, start_http_server
+    except ImportError:
+        print("sharedpool metrics: needs prometheus-client (pip install 'sharedpool[metrics]')", file=sys.stderr)
+        return 1
+    from .metrics import LedgerCollector
+
+    ledgers = [Ledger.attach(name) for name in args.name]
+    stop = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # before the server thread starts: it inherits the mask
+    registry = CollectorRegistry()
+    registry.register(LedgerCollector(ledgers))
+    start_http_server(args.port, addr=args.addr, registry=registry)
+    print(f"serving metrics of {', '.join(args.name)} on http://{args.addr}:{args.port}/metrics", file=sys.stderr, flush=True)
+    signal.sigwait(stop)
+    return 0
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -174,4 +209,5 @@ COMMANDS = {
     "status": cmd_status,
     "reload": cmd_reload,
     "cleanup": cmd_cleanup,
+    "metrics": cmd_metrics,
 }

@@ -7,8 +7,15 @@ from typing import Any
 from sharedpool.ledger import Snapshot, is_alive
 
 
-def snapshot_dict(snap: Snapshot, now: float | None = None) -> dict[str, Any]:
+RATED = ("opened", "grants", "sheds", "waits", "timeouts")
+
+
+def snapshot_dict(
+    snap: Snapshot, now: float | None = None, previous: Snapshot | None = None, elapsed: float = 0.0
+) -> dict[str, Any]:
+    """Describe a snapshot; with an earlier one, add per-second rates (churn is ``opened``)."""
     now = time.time() if now is None else now
+    before = {s.pid: s.counters for s in previous.slots} if previous is not None and elapsed > 0 else None
     coordinator_alive = bool(snap.coordinator_pid) and is_alive(snap.coordinator_pid, snap.coordinator_start)
     workers = []
     for s in snap.slots:
@@ -27,6 +34,9 @@ def snapshot_dict(snap: Snapshot, now: float | None = None) -> dict[str, Any]:
                 "timeouts": s.counters["timeouts"],
             }
         )
+        if before is not None:
+            earlier = before.get(s.pid, {})
+            workers[-1]["opened_per_s"] = round((s.counters["opened"] - earlier.get("opened", 0)) / elapsed, 2)
     return {
         "name": snap.name,
         "budget": snap.budget,
@@ -46,8 +56,16 @@ def snapshot_dict(snap: Snapshot, now: float | None = None) -> dict[str, Any]:
             "audit_fixes": snap.audit_fixes,
             "reloads": snap.reloads,
         },
+        "mean_wait_ms": round(snap.totals["wait_ms"] / snap.totals["waits"], 1) if snap.totals["waits"] else 0.0,
+        "rates": _rates(snap, previous, elapsed) if before is not None else None,
         "workers": workers,
     }
+
+
+def _rates(snap: Snapshot, previous: Snapshot, elapsed: float) -> dict[str, float]:
+    rates = {f"{key}_per_s": round((snap.totals[key] - previous.totals[key]) / elapsed, 2) for key in RATED}
+    rates["window_s"] = round(elapsed, 3)
+    return rates
 
 
 def format_table(status: dict[str, Any]) -> str:
@@ -64,14 +82,22 @@ def format_table(status: dict[str, Any]) -> str:
         f"counters: grants {c['grants']}, releases {c['releases']}, timeouts {c['timeouts']}, "
         f"waits {c['waits']} ({c['wait_ms']:.0f} ms), opened {c['opened']}, closed {c['closed']}, "
         f"sheds {c['sheds']}, reclaimed {c['reclaimed_permits']} from {c['reclaimed_workers']} workers, "
-        f"audit fixes {c['audit_fixes']}",
+        f"audit fixes {c['audit_fixes']}; mean wait {status['mean_wait_ms']:.1f} ms",
     ]
-    header = f"{'PID':>8} {'HELD':>5} {'IDLE':>5} {'IN USE':>6} {'WAIT':>5} {'WAITED':>7} {'OPENED':>7} {'SHEDS':>6}  STATE"
+    rates = status.get("rates")
+    if rates:
+        lines.append(
+            f"last {rates['window_s']:.1f} s: opened {rates['opened_per_s']:.1f}/s (churn), "
+            f"grants {rates['grants_per_s']:.1f}/s, sheds {rates['sheds_per_s']:.1f}/s, "
+            f"waits {rates['waits_per_s']:.1f}/s, timeouts {rates['timeouts_per_s']:.1f}/s"
+        )
+    header = f"{'PID':>8} {'HELD':>5} {'IDLE':>5} {'IN USE':>6} {'WAIT':>5} {'WAITED':>7} {'OPENED':>7} {'OPEN/S':>7} {'SHEDS':>6}  STATE"
     lines.append(header)
     for w in status["workers"]:
+        per_s = f"{w['opened_per_s']:>7.1f}" if "opened_per_s" in w else f"{'-':>7}"
         lines.append(
             f"{w['pid']:>8} {w['held']:>5} {w['idle']:>5} {w['in_use']:>6} {w['waiting']:>5} "
-            f"{w['wait_s']:>6.2f}s {w['opened']:>7} {w['sheds']:>6}  {'alive' if w['alive'] else 'DEAD'}"
+            f"{w['wait_s']:>6.2f}s {w['opened']:>7} {per_s} {w['sheds']:>6}  {'alive' if w['alive'] else 'DEAD'}"
         )
     if not status["workers"]:
         lines.append("  (no worker registered)")

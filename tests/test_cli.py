@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import posix_ipc
@@ -22,7 +24,8 @@ def test_status_json_fields(unique_name):
             out = run_cli("status", "--name", unique_name, "--json")
             assert out.returncode == 0, out.stderr
             status = json.loads(out.stdout)
-            assert set(status) == {"name", "budget", "free", "held", "waiting", "epoch", "coordinator", "counters", "workers"}
+            assert set(status) == {"name", "budget", "free", "held", "waiting", "epoch", "coordinator", "counters",
+                                   "mean_wait_ms", "rates", "workers"}
             assert (status["name"], status["budget"], status["free"], status["held"], status["waiting"]) == (unique_name, 3, 1, 2, 0)
             assert status["coordinator"]["pid"] == coord.pid and status["coordinator"]["alive"]
             assert 0 <= status["coordinator"]["heartbeat_age_s"] < 2
@@ -33,9 +36,23 @@ def test_status_json_fields(unique_name):
             [w] = status["workers"]
             assert (w["pid"], w["alive"], w["held"], w["inflight"], w["waiting"]) == (worker.pid, True, 2, 0, 0)
             assert set(w) >= {"idle", "in_use", "wait_s", "opened", "sheds", "timeouts"}
+            assert status["rates"]["window_s"] >= 1.0 and status["rates"]["grants_per_s"] == 0
+            assert w["opened_per_s"] == 0
+            # a grant inside the rate window shows up as a rate
+            watcher = subprocess.Popen(
+                [sys.executable, "-m", "sharedpool.coordinator", "status", "--name", unique_name, "--json",
+                 "--rate-window", "1.5"], stdout=subprocess.PIPE, text=True)
+            time.sleep(0.3)
+            worker.do("acquire 1")
+            rated = json.loads(watcher.communicate(timeout=10)[0])
+            assert 0 < rated["rates"]["grants_per_s"] <= 1 / 1.5 + 0.01
+            table = run_cli("status", "--name", unique_name, "--rate-window", "0")
+            assert f"pool '{unique_name}': budget 3, free 0, held 3" in table.stdout
+            assert "(churn)" not in table.stdout
             table = run_cli("status", "--name", unique_name)
-            assert f"pool '{unique_name}': budget 3, free 1, held 2" in table.stdout
-            assert f"{worker.pid:>8}     2" in table.stdout and "alive" in table.stdout
+            assert "/s (churn)" in table.stdout
+            assert f"pool '{unique_name}': budget 3, free 0, held 3" in table.stdout
+            assert f"{worker.pid:>8}     3" in table.stdout and "alive" in table.stdout
         finally:
             worker.exit()
 

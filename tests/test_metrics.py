@@ -33,3 +33,36 @@ def test_scrape_reports_budget_holders_and_counters(unique_name):
     assert f"sharedpool_held_permits{{{pool}}} 2.0" in text
     assert f"sharedpool_grants_total{{{pool}}} 2.0" in text
     assert f'sharedpool_worker_held_permits{{pid="{os.getpid()}",{pool}}} 2.0' in text
+
+
+def test_metrics_command_serves_http_until_sigterm(unique_name):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with coordinator(unique_name, 2):
+        server = subprocess.Popen(
+            [sys.executable, "-m", "sharedpool.coordinator", "metrics", "--name", unique_name, "--port", str(port)],
+            stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+                        body = response.read().decode()
+                    break
+                except OSError:
+                    assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+                    time.sleep(0.05)
+            assert f'sharedpool_budget{{pool="{unique_name}"}} 2.0' in body
+        finally:
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(10) == 0
+            server.stderr.close()
