@@ -37,7 +37,7 @@ def timed(op: Callable[[], None], iterations: int, repeats: int) -> float:
 @contextlib.contextmanager
 def sharedpool_op(dsn: str) -> Iterator[Callable[[], None]]:
     from sharedpool import LocalPool, PoolConfig
-    from tests.poolkit import coordinator
+    from tests.helpers_procs import coordinator
 
     name = f"bench{os.getpid()}"
     with coordinator(name, 4):

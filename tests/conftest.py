@@ -146,3 +146,20 @@ def pytest_sessionfinish(session, exitstatus):
                 pass
     if session.exitstatus in (0, pytest.ExitCode.NO_TESTS_COLLECTED):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def make_ledger(unique_name):
+    """Create this test's ledger (no coordinator) with a given budget; remove it after."""
+    from sharedpool.ledger import Ledger, unlink
+
+    made = []
+
+    def make(budget: int, nslots: int = 8) -> Ledger:
+        made.append(Ledger.create(unique_name, budget, nslots=nslots))
+        return made[-1]
+
+    yield make
+    for ledger in made:
+        ledger.close()
+    unlink(unique_name)

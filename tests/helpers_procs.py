@@ -13,8 +13,11 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
+
+import psycopg2
 
 from sharedpool.ledger import Ledger, unlink
 
@@ -22,15 +25,13 @@ PYTHON = sys.executable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.005, what: str = "") -> object:
-    """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` seconds."""
+def wait_until(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.005) -> object:
+    """Poll ``predicate`` until it is truthy or ``timeout`` passes; return its last value (assert on it)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
-        if value:
+        if value or time.monotonic() > deadline:
             return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
         time.sleep(interval)
 
 
@@ -70,7 +71,7 @@ class CoordinatorProc:
                 return "ready" in self.log()
             return False
 
-        wait_until(ready, timeout, what=f"coordinator {self.name} to be ready")
+        assert wait_until(ready, timeout), f"coordinator {self.name} was not ready in {timeout} s"
 
     def log(self) -> str:
         with open(self.logfile.name, errors="replace") as f:
@@ -374,3 +375,93 @@ def sample_server(dsn: str, app_name: str, budget: int, stop, results) -> None:
             time.sleep(0.002)
     conn.close()
     results.put({"samples": samples, "peak": peak, "over": over, "max_gap": max_gap, "late": late})
+
+
+def start_worker(code: str, **env: str) -> subprocess.Popen:
+    """Start a separate interpreter running ``code``; it talks through stdin/stdout lines."""
+    return subprocess.Popen(
+        [PYTHON, "-c", textwrap.dedent(code)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+        env={**os.environ, "PYTHONPATH": ROOT, **env}, cwd=ROOT,
+    )
+
+
+def read_line(proc: subprocess.Popen, timeout: float = 30.0) -> str:
+    """Read one stdout line, failing with the worker's stderr if it dies or stalls."""
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not result or not result[0]:
+        proc.kill()
+        raise AssertionError(f"worker {proc.pid} said nothing: {proc.stderr.read()[-3000:]}")
+    return result[0].strip()
+
+
+def finish(proc: subprocess.Popen, timeout: float = 30.0) -> str:
+    """Close stdin (the worker's cue to exit) and return its remaining output."""
+    out, err = proc.communicate("", timeout=timeout)
+    assert proc.returncode == 0, f"worker {proc.pid} exited {proc.returncode}: {err[-3000:]}"
+    return out
+
+
+def backends(dsn: str, name: str) -> int:
+    """Count the pool's server connections in pg_stat_activity right now."""
+    with contextlib.closing(psycopg2.connect(dsn, application_name="probe")) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (f"sharedpool/{name}",))
+        return cur.fetchone()[0]
+
+
+def process_gone(pid: int) -> bool:
+    """Tell whether ``pid`` has exited (a zombie nobody reaped yet counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return True
+    return data[data.rindex(b")") + 2 :].split()[0] in (b"Z", b"X")
+
+
+class PeakSampler(threading.Thread):
+    """Sample the pool's server connections (application_name sharedpool/NAME) every ``interval``."""
+
+    def __init__(self, dsn: str, name: str, interval: float = 0.01) -> None:
+        super().__init__(daemon=True)
+        self.conn = psycopg2.connect(dsn, application_name="test-sampler")
+        self.conn.autocommit = True
+        self.app_name = f"sharedpool/{name}"
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self.last = 0
+        self._stop_event = threading.Event()
+
+    def count(self) -> int:
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                "AND application_name = %s",
+                (self.app_name,),
+            )
+            return cur.fetchone()[0]
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.last = self.count()
+            self.peak = max(self.peak, self.last)
+            self.samples += 1
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        self.conn.close()
+        return self.peak
+
+    def __enter__(self) -> "PeakSampler":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.is_alive():
+            self.stop()

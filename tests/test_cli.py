@@ -117,13 +117,13 @@ def test_reload_raises_and_lowers_budget(unique_name):
             try:
                 assert ledger.header.budget == 2 and ledger.header.physical == 5
                 holder.do("release 2")
-                wait_until(lambda: ledger.header.physical == 3, 2.0, what="retirement of freed permits")
+                assert wait_until(lambda: ledger.header.physical == 3, 2.0), "retirement of freed permits"
                 assert ledger.sem.value == 0
                 holder.do("release 1")
-                wait_until(lambda: ledger.header.physical == 2, 2.0, what="retirement down to the budget")
+                assert wait_until(lambda: ledger.header.physical == 2, 2.0), "retirement down to the budget"
                 assert ledger.sem.value == 0  # 2 held, 2 in circulation: none free
                 holder.do("release 1")
-                wait_until(lambda: ledger.sem.value == 1, 2.0)
+                assert wait_until(lambda: ledger.sem.value == 1, 2.0)
                 time.sleep(0.3)
                 assert ledger.header.physical == 2 and ledger.sem.value == 1  # the budget is kept, not undercut
                 assert ledger.header.reloads == 2

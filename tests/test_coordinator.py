@@ -15,9 +15,8 @@ import posix_ipc
 import pytest
 
 from sharedpool.ledger import Ledger, ipc_names, is_alive, process_start_time, unlink
-from sharedpool.permits import PermitGate
 
-from helpers_procs import CoordinatorProc, GateWorker, PoolWorker, coordinator, kill_all, sem_free, wait_until
+from helpers_procs import CoordinatorProc, GateWorker, PoolWorker, coordinator, sem_free, wait_until
 
 
 def test_sigkilled_worker_permits_come_back(unique_name):
@@ -26,7 +25,7 @@ def test_sigkilled_worker_permits_come_back(unique_name):
         worker.do("acquire 3")
         assert sem_free(unique_name) == 1
         worker.kill()
-        wait_until(lambda: sem_free(unique_name) == 4, 2.0, what="reclaim")
+        assert wait_until(lambda: sem_free(unique_name) == 4, 2.0), "reclaim"
         ledger = Ledger.attach(unique_name)
         try:
             snap = ledger.snapshot()
@@ -63,7 +62,7 @@ def test_reused_pid_is_treated_as_dead(unique_name):
             ledger.slots[index].held = 1
             ledger.sem.acquire(0)
             ledger.slots[index].held = 2
-            wait_until(lambda: ledger.sem.value == 4, 2.0, what="reclaim of a reused pid")
+            assert wait_until(lambda: ledger.sem.value == 4, 2.0), "reclaim of a reused pid"
             assert ledger.slots[index].state == 0
         finally:
             ledger.close()
@@ -90,7 +89,7 @@ def test_reclaim_waits_for_grace_without_local_backends(unique_name):
             worker.do("acquire 2")
             os.kill(worker.pid, signal.SIGKILL)
             start = time.monotonic()
-            wait_until(lambda: ledger.sem.value == 4, 2.0, interval=0.001, what="reclaim")
+            assert wait_until(lambda: ledger.sem.value == 4, 2.0, interval=0.001), "reclaim"
             elapsed = time.monotonic() - start
             worker.kill()
             assert 0.25 <= elapsed <= 1.5
@@ -170,7 +169,7 @@ def test_coordinator_absent_cap_holds_then_adoption_reclaims(unique_name):
         time.sleep(0.3)
         assert sem_free(unique_name) == 0
         with coordinator(unique_name, 3) as second:
-            wait_until(lambda: sem_free(unique_name) == 3, 2.0, what="reclaim after adoption")
+            assert wait_until(lambda: sem_free(unique_name) == 3, 2.0), "reclaim after adoption"
             assert "adopted existing ledger (epoch 2" in second.log()
     finally:
         coord.close()
@@ -184,7 +183,7 @@ def test_audit_repairs_leak_of_worker_killed_mid_acquire(unique_name):
         victim.do("raw 1")  # inflight 1, semaphore taken, held still 0
         assert sem_free(unique_name) == 1
         victim.kill()
-        wait_until(lambda: sem_free(unique_name) == 2, 1.5, what="audit repair")
+        assert wait_until(lambda: sem_free(unique_name) == 2, 1.5), "audit repair"
         assert "audit returned 1 leaked permit" in coord.log()
         ledger = Ledger.attach(unique_name)
         try:
@@ -263,7 +262,7 @@ def test_missing_semaphore_is_recreated_from_the_ledger(unique_name):
             other.kill()
             worker.kill()
             # its permits go back into the new semaphore, not the unlinked one it held open
-            wait_until(lambda: sem_free(unique_name) == 4, 2.0, what="reclaim into the new semaphore")
+            assert wait_until(lambda: sem_free(unique_name) == 4, 2.0), "reclaim into the new semaphore"
     finally:
         worker.kill()
         coord.close()
@@ -307,11 +306,11 @@ def test_exit_notice_reclaims_at_once(unique_name):
         worker.do("acquire 2")
         worker.kill()
         channel.send(channel.coordinator_address(unique_name), f"exit {worker.pid}".encode())
-        wait_until(lambda: sem_free(unique_name) == 2, 2.0)
+        assert wait_until(lambda: sem_free(unique_name) == 2, 2.0)
 
 
 def test_sighup_reconciles_and_keeps_running(unique_name):
     with coordinator(unique_name, 2) as coord:
         coord.proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: "SIGHUP: reconciling" in coord.log(), 2.0)
+        assert wait_until(lambda: "SIGHUP: reconciling" in coord.log(), 2.0)
         assert coord.proc.poll() is None

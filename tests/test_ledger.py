@@ -28,13 +28,8 @@ from sharedpool.ledger import (
 
 
 @pytest.fixture
-def ledger(unique_name):
-    led = Ledger.create(unique_name, 3, nslots=8)
-    try:
-        yield led
-    finally:
-        led.close()
-        unlink(unique_name)
+def ledger(make_ledger):
+    return make_ledger(3)
 
 
 def _dead_pid() -> int:

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from sharedpool.coordinator.metrics import LedgerCollector
 from sharedpool.ledger import Ledger
 from sharedpool.permits import PermitGate
-from tests.poolkit import coordinator
+from helpers_procs import coordinator
 
 
 def test_scrape_reports_budget_holders_and_counters(unique_name):

@@ -8,18 +8,12 @@ import time
 import pytest
 
 from sharedpool.errors import PoolTimeout
-from sharedpool.ledger import Ledger, unlink
 from sharedpool.permits import PermitGate
 
 
 @pytest.fixture
-def ledger(unique_name):
-    led = Ledger.create(unique_name, 2, nslots=8)
-    try:
-        yield led
-    finally:
-        led.close()
-        unlink(unique_name)
+def ledger(make_ledger):
+    return make_ledger(2)
 
 
 def test_acquire_release_accounting(ledger):

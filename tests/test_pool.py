@@ -10,7 +10,7 @@ import pytest
 
 from sharedpool import LocalPool, PoolConfig, PoolTimeout
 from sharedpool.ledger import Ledger
-from tests.poolkit import ServerSampler, backends, coordinator, finish, read_line, start_worker, wait_until
+from helpers_procs import PeakSampler, backends, coordinator, finish, read_line, start_worker, wait_until
 
 
 @pytest.fixture
@@ -184,7 +184,7 @@ def test_sixteen_threads_share_four_connections(make_pool, dsn, unique_name):
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    with ServerSampler(dsn, unique_name) as sampler:
+    with PeakSampler(dsn, unique_name) as sampler:
         threads = [threading.Thread(target=work) for _ in range(16)]
         for thread in threads:
             thread.start()
@@ -256,7 +256,8 @@ def test_a_killed_child_returns_its_permits(make_pool, unique_name):
     pool = make_pool(pool_size=4)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
-        conns = [pool.getconn() for _ in range(3)]
+        for _ in range(3):
+            pool.getconn()  # kept checked out until the SIGKILL
         time.sleep(60)
         os._exit(0)
     ledger = pool.budget.ledger if pool.budget.ledger else Ledger.attach(unique_name)

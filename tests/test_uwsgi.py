@@ -13,11 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from apps.loadtools import Load, PeakSampler, free_port, pool_status, process_gone, stop_server, wait_http, wait_until
+from apps.loadtools import Load, free_port, pool_status, stop_server, wait_http
+from helpers_procs import PeakSampler, process_gone, wait_until
 from sharedpool.ledger import Ledger
 
 pytestmark = pytest.mark.slow

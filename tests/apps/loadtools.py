@@ -1,10 +1,9 @@
 """Drive HTTP load at a server and watch the database side. Runs in the test process.
 
-- ``PeakSampler``: counts the pool's backends in pg_stat_activity every 10 ms
-  over one persistent connection and keeps the peak (the server-side truth).
 - ``Load``: client threads sending requests until told to stop (or a count),
   recording statuses and latencies.
-- ``pool_status`` / ``wait_until``: read the ledger without joining the pool.
+- ``pool_status``: read the ledger without joining the pool.
+(``PeakSampler``, ``wait_until`` and ``process_gone`` live in helpers_procs.)
 """
 from __future__ import annotations
 
@@ -16,8 +15,6 @@ import socket
 import subprocess
 import threading
 import time
-
-import psycopg2
 
 from sharedpool.ledger import Ledger
 
@@ -51,51 +48,6 @@ def wait_http(port: int, path: str = "/health", timeout: float = 30.0, process: 
         if time.monotonic() > deadline:
             raise AssertionError(f"no answer on port {port} within {timeout} s")
         time.sleep(0.05)
-
-
-class PeakSampler(threading.Thread):
-    """Sample the pool's server connections (application_name sharedpool/NAME) every ``interval``."""
-
-    def __init__(self, dsn: str, name: str, interval: float = 0.01) -> None:
-        super().__init__(daemon=True)
-        self.conn = psycopg2.connect(dsn, application_name="test-sampler")
-        self.conn.autocommit = True
-        self.app_name = f"sharedpool/{name}"
-        self.interval = interval
-        self.peak = 0
-        self.samples = 0
-        self.last = 0
-        self._stop_event = threading.Event()
-
-    def count(self) -> int:
-        with self.conn.cursor() as cur:
-            cur.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-                "AND application_name = %s",
-                (self.app_name,),
-            )
-            return cur.fetchone()[0]
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            self.last = self.count()
-            self.peak = max(self.peak, self.last)
-            self.samples += 1
-            self._stop_event.wait(self.interval)
-
-    def stop(self) -> int:
-        self._stop_event.set()
-        self.join()
-        self.conn.close()
-        return self.peak
-
-    def __enter__(self) -> "PeakSampler":
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.is_alive():
-            self.stop()
 
 
 class Load:
@@ -172,26 +124,6 @@ def pool_status(name: str) -> dict:
         }
     finally:
         ledger.close()
-
-
-def process_gone(pid: int) -> bool:
-    """Tell whether ``pid`` has exited (a zombie nobody reaped yet counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return True
-    return data[data.rindex(b")") + 2 :].split()[0] in (b"Z", b"X")
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.01):
-    """Poll ``predicate`` until it returns something true; return it, or the last value at timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def stop_server(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
