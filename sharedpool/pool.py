@@ -26,7 +26,7 @@ import psycopg2.extensions
 from . import forksafe
 from .config import PoolConfig
 from .embedded import attach_or_start
-from .errors import PoolClosed, PoolTimeout
+from .errors import ConfigError, PoolClosed, PoolTimeout
 from .ledger import FLAG_BACKENDS_LOCAL, MAX_BACKENDS
 from .permits import PermitGate
 from .pressure import ShedListener, others_waiting, request_shed
@@ -67,8 +67,6 @@ class ProcessBudget:
             if budget is None or budget.closed:
                 budget = cls._by_name[config.name] = cls(config)
             elif budget.config.pool_size != config.pool_size:
-                from .errors import ConfigError
-
                 raise ConfigError(
                     f"pool {config.name!r}: POOL_SIZE {config.pool_size} disagrees with "
                     f"{budget.config.pool_size} configured earlier in this process"
@@ -153,6 +151,7 @@ class ProcessBudget:
                 self.listener.close()
                 self.listener = None
             finished = self.open == 0
+            self.pid = 0  # the next checkout raises PoolClosed
         if finished:
             self._deregister()
 

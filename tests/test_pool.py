@@ -8,7 +8,7 @@ import time
 import psycopg2
 import pytest
 
-from sharedpool import LocalPool, PoolConfig, PoolTimeout
+from sharedpool import LocalPool, PoolClosed, PoolConfig, PoolTimeout
 from sharedpool.ledger import Ledger
 from helpers_procs import PeakSampler, backends, coordinator, finish, read_line, start_worker, wait_until
 
@@ -265,3 +265,11 @@ def test_a_killed_child_returns_its_permits(make_pool, unique_name):
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     assert wait_until(lambda: ledger.sem.value == 4, timeout=2)
+
+
+def test_a_closed_pool_refuses_checkouts(make_pool):
+    pool = make_pool()
+    pool.putconn(pool.getconn())
+    pool.budget.close()
+    with pytest.raises(PoolClosed, match="is closed"):
+        pool.getconn()
