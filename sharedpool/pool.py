@@ -339,10 +339,13 @@ class LocalPool:
             entry = self._take_idle_or_reserve(deadline)
             if entry is None:
                 return self._open_new(deadline)
-            if self._still_good(entry):
+            problem = self._problem(entry)
+            if problem is None:
                 self._out[id(entry.conn)] = entry
                 return entry.conn
-            self._close_entry(entry, lost=True)
+            if problem == "lost":
+                self._stats["connections_lost"] += 1
+            self._close_entry(entry, checked_out=True)
 
     def _take_idle_or_reserve(self, deadline: float) -> _Entry | None:
         """Pop the warmest idle connection, or count a new one in; wait at the cap."""
@@ -436,14 +439,15 @@ class LocalPool:
         self._out[id(conn)] = entry
         return conn
 
-    def _still_good(self, entry: _Entry) -> bool:
+    def _problem(self, entry: _Entry) -> str | None:
+        """Return why an idle connection must not be handed out ("lost", "recycled"), or None."""
         now = time.monotonic()
         conn = entry.conn
         if conn.closed:
-            return False
+            return "lost"
         recycle = self.config.recycle
         if recycle is not None and now - entry.created >= recycle:
-            return False
+            return "recycled"
         pre_ping = self.config.pre_ping
         if pre_ping is not None and now - entry.last_used >= pre_ping:
             try:
@@ -452,8 +456,8 @@ class LocalPool:
                 if not conn.autocommit:
                     conn.rollback()
             except psycopg2.Error:
-                return False
-        return True
+                return "lost"
+        return None
 
     # -- return ------------------------------------------------------------------------
 
@@ -507,10 +511,9 @@ class LocalPool:
 
     # -- closing -----------------------------------------------------------------------
 
-    def _close_entry(self, entry: _Entry, *, lost: bool = False) -> None:
+    def _close_entry(self, entry: _Entry, *, checked_out: bool = False) -> None:
         """Close synchronously, then give the permit back (never the other way round)."""
-        if lost:
-            self._stats["connections_lost"] += 1
+        if checked_out:
             with self.budget.lock:
                 self.budget.in_use -= 1
                 self.budget._publish()
