@@ -25,8 +25,9 @@ WAIT_SLICE = 2.0  # seconds per blocking wait: a long wait keeps our place in th
 class PermitGate:
     """Take and give back permits for this process.
 
-    Runs in the worker; one per (process, pool). After fork the child calls
-    ``register()`` again and gets a fresh slot: nothing of the parent's carries over.
+    Runs in the worker; one per (process, pool), registered once. A forked
+    child never uses its parent's gate: it builds and registers a new one, so
+    it gets a fresh slot and nothing of the parent's carries over.
     """
 
     def __init__(self, ledger: Ledger, on_pressure: Callable[[], None] | None = None) -> None:
@@ -44,7 +45,6 @@ class PermitGate:
     def register(self) -> None:
         """Claim a slot for this process."""
         self.pid = os.getpid()
-        self._lock = threading.Lock()
         self.slot_index = self.ledger.claim_slot(self.pid, process_start_time(self.pid) or 0)
         self.slot = self.ledger.slots[self.slot_index]
 
@@ -65,12 +65,6 @@ class PermitGate:
             slot.inflight -= count
         self.ledger.free_slot(self.slot_index)
         self.slot = None
-
-    def forget(self) -> None:
-        """Drop the parent's slot without touching it (child after fork)."""
-        self.slot = None
-        self.slot_index = -1
-        self._lock = threading.Lock()
 
     def _current_sem(self) -> posix_ipc.Semaphore:
         """The semaphore to use; after an epoch change (adoption, reload) it may have been recreated."""
@@ -102,8 +96,12 @@ class PermitGate:
             slot.inflight -= 1
         return True
 
-    def acquire(self, timeout: float) -> None:
-        """Take a permit, waiting at most ``timeout`` seconds, or raise PoolTimeout."""
+    def acquire(self, timeout: float, *, reported_timeout: float | None = None) -> None:
+        """Take a permit, waiting at most ``timeout`` seconds, or raise PoolTimeout.
+
+        ``reported_timeout`` is the wait the PoolTimeout message names (the
+        caller's whole TIMEOUT when ``timeout`` is only what is left of it).
+        """
         if self.try_acquire():
             return
         slot = self.slot
@@ -140,7 +138,7 @@ class PermitGate:
                     slot.timeouts += 1
                 slot.inflight -= 1
         if not acquired:
-            raise self.timeout_error(timeout)
+            raise self.timeout_error(timeout if reported_timeout is None else reported_timeout)
 
     def release(self) -> None:
         """Give one permit back: unrecord it, then post (a crash in between leaks, never duplicates)."""

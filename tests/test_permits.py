@@ -77,17 +77,16 @@ def test_waiter_is_in_flight_while_blocked_and_wakes_on_release(ledger):
     gate.deregister()
 
 
-def test_forget_leaves_the_slot_untouched(ledger):
+def test_timeout_message_names_the_reported_timeout(ledger):
+    """A caller that passes what is left of its TIMEOUT gets its whole TIMEOUT named."""
     gate = PermitGate(ledger)
     gate.register()
     gate.acquire(0.1)
-    index = gate.slot_index
-    gate.forget()  # what a forked child does
-    assert gate.slot is None and ledger.slots[index].held == 1
-    gate.deregister()  # no slot: nothing happens
-    assert ledger.sem.value == 1
-    ledger.slots[index].held = 0
-    ledger.sem.release()
+    gate.acquire(0.1)
+    with pytest.raises(PoolTimeout) as err:
+        gate.acquire(0.05, reported_timeout=30.0)
+    assert "no permit after 30.0 s" in str(err.value)
+    gate.deregister()
 
 
 def test_many_threads_keep_exact_counts(ledger):
