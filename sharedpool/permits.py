@@ -20,6 +20,7 @@ from .errors import PoolTimeout
 from .ledger import Ledger, Slot, process_start_time
 
 WAIT_SLICE = 2.0  # seconds per blocking wait: a long wait keeps our place in the kernel queue
+POLL_FIRST, POLL_MAX = 0.001, 0.05  # gevent: seconds between tries, doubling up to the maximum
 
 
 class PermitGate:
@@ -164,9 +165,7 @@ def wait_for_permit(sem: posix_ipc.Semaphore, timeout: float) -> bool:
     """Block this thread, or under gevent only this greenlet, until a permit or the timeout."""
     monkey = sys.modules.get("gevent.monkey")
     if monkey is not None and monkey.is_module_patched("threading"):
-        from gevent import get_hub
-
-        return get_hub().threadpool.apply(_sem_wait, (sem, timeout))
+        return _poll_wait(sem, timeout)
     return _sem_wait(sem, timeout)
 
 
@@ -180,3 +179,27 @@ def _sem_wait(sem: posix_ipc.Semaphore, timeout: float) -> bool:
         except posix_ipc.SignalError:
             continue  # a server's signal (HUP, TERM to an old worker) ran its handler: wait on
         return True
+
+
+def _poll_wait(sem: posix_ipc.Semaphore, timeout: float) -> bool:
+    """Poll inside the greenlet, sleeping on the hub between tries (gevent).
+
+    No OS thread ever blocks on the semaphore for us: a greenlet killed or
+    timed out while it sleeps has taken nothing, and the permit is taken only
+    by a non-blocking call whose result the caller records before it yields.
+    """
+    from gevent import sleep
+
+    deadline = time.monotonic() + timeout
+    delay = POLL_FIRST
+    while True:
+        try:
+            sem.acquire(0)
+            return True
+        except posix_ipc.BusyError:
+            pass
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        sleep(min(delay, remaining))
+        delay = min(delay * 2, POLL_MAX)

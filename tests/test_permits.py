@@ -1,7 +1,10 @@
 """PermitGate in one process: accounting order, timeouts, deregistration, threads."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -112,3 +115,58 @@ def test_many_threads_keep_exact_counts(ledger):
     assert (slot.held, slot.inflight, slot.waiting, ledger.sem.value) == (0, 0, 0, 2)
     assert slot.grants == slot.releases == 1800
     gate.deregister()
+
+
+GEVENT_WAITERS = """
+from gevent import monkey
+monkey.patch_all()
+import json, sys, time
+import gevent
+from sharedpool.errors import PoolTimeout
+from sharedpool.ledger import Ledger
+from sharedpool.permits import PermitGate
+
+ledger = Ledger.attach(sys.argv[1])
+gate = PermitGate(ledger)
+gate.register()
+gate.acquire(1.0)
+gate.acquire(1.0)  # the budget (2) is taken
+
+def waiter():
+    start = time.monotonic()
+    try:
+        gate.acquire(0.4)
+    except PoolTimeout:
+        return time.monotonic() - start
+    return -1.0
+
+jobs = [gevent.spawn(waiter) for _ in range(25)]  # more than the hub's threadpool holds
+gevent.joinall(jobs)
+waits = [job.value for job in jobs]
+
+victim = gevent.spawn(gate.acquire, 5.0)
+gevent.sleep(0.1)
+victim.kill()  # killed mid-wait: it must take nothing, now or later
+with gevent.Timeout(0.1, False):
+    gate.acquire(5.0)  # cut short by a gevent.Timeout
+gate.release()
+gevent.sleep(0.3)
+slot = gate.slot
+print(json.dumps({"waits": waits, "free": ledger.sem.value, "held": slot.held,
+                  "inflight": slot.inflight, "waiting": slot.waiting}))
+gate.deregister()
+"""
+
+
+def test_gevent_waiters_poll_in_their_greenlet(ledger, unique_name):
+    """Under gevent no OS thread waits for us: no queue before the timeout starts, nothing taken after a kill."""
+    pytest.importorskip("gevent")
+    out = subprocess.run([sys.executable, "-c", GEVENT_WAITERS, unique_name],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    waits = result["waits"]
+    assert min(waits) >= 0.39 and max(waits) < 0.9, waits  # 25 waiters, each bounded by its own 0.4 s
+    # the released permit stayed free: the killed and timed-out waiters took nothing unrecorded
+    assert (result["free"], result["held"], result["inflight"], result["waiting"]) == (1, 1, 0, 0)
+    assert ledger.sem.value == 2  # deregistered: everything back
