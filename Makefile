@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test`.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || echo python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
@@ -43,10 +43,10 @@ bench-micro: $(STAMP)  ## in-process micro-benchmarks: warm checkout + return, p
 	$(PY) bench/bench_permits.py
 
 django-suite: $(STAMP)  ## Django 5.2's own tests (backends transactions transaction_hooks select_for_update basic) on the sharedpool ENGINE
-	scripts/django_suite.sh --engine sharedpool
+	PYTHON=$(PYTHON) scripts/django_suite.sh --engine sharedpool
 
 django-suite-stock: $(STAMP)  ## the same Django tests on the stock postgresql backend, for comparison
-	scripts/django_suite.sh --engine stock
+	PYTHON=$(PYTHON) scripts/django_suite.sh --engine stock
 
-clean:  ## remove the venv and caches
-	rm -rf $(VENV) .pytest_cache *.egg-info
+clean:  ## remove the venvs and caches (.venv, .cache with the Django sdist and its venv)
+	rm -rf $(VENV) .cache .pytest_cache *.egg-info

@@ -29,6 +29,9 @@ have_initdb() {
 
 if ! have_initdb; then
     log "installing the PostgreSQL server (apt: postgresql)"
+    # the tests and the demo start their own clusters: no system cluster on 5432
+    mkdir -p /etc/postgresql-common
+    echo "create_main_cluster = false" >> /etc/postgresql-common/createcluster.conf
     apt_install postgresql
 fi
 if [[ $(id -u) -eq 0 ]] && ! id postgres >/dev/null 2>&1; then
@@ -39,6 +42,7 @@ fi
 need=()
 command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v make >/dev/null 2>&1 || need+=(make)
+command -v pgrep >/dev/null 2>&1 || need+=(procps)  # the server tests list a master's children
 if command -v "$PYTHON" >/dev/null 2>&1; then
     include=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
     [[ -f "$include/Python.h" ]] || need+=(python3-dev)

@@ -6,7 +6,7 @@ set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SCRIPTS="$REPO/scripts"
-VENV=${DJANGO_SUITE_VENV:-/tmp/djsuite-venv}
+VENV=${DJANGO_SUITE_VENV:-$REPO/.cache/djsuite-venv}
 DJANGO_SPEC=${DJANGO_SUITE_DJANGO:-Django>=5.2,<5.3}
 CACHE=${DJANGO_SUITE_CACHE:-$REPO/.cache}
 DEFAULT_LABELS=(backends transactions transaction_hooks select_for_update basic)
@@ -29,7 +29,7 @@ Environment:
   DATABASE_URL or PGHOST  use that server (PGPORT PGUSER PGPASSWORD too) instead of
                           starting a throwaway PostgreSQL cluster (devtools.pgcluster)
   DJANGO_SUITE_POOL_SIZE  POOL_SIZE for the sharedpool engine (default 8)
-  DJANGO_SUITE_VENV       scratch virtualenv (default /tmp/djsuite-venv)
+  DJANGO_SUITE_VENV       scratch virtualenv (default .cache/djsuite-venv in the repo)
   DJANGO_SUITE_DJANGO     pip requirement for Django (default "Django>=5.2,<5.3")
   DJANGO_SUITE_CACHE      where the sdist is unpacked (default <repo>/.cache)
 
@@ -66,7 +66,7 @@ esac
 PY="$VENV/bin/python"
 if [ ! -x "$PY" ]; then
     log "creating venv $VENV"
-    python3 -m venv "$VENV" || die "python3 -m venv $VENV failed"
+    "${PYTHON:-python3}" -m venv "$VENV" || die "${PYTHON:-python3} -m venv $VENV failed"
 fi
 if ! "$PY" -c 'import django, psycopg2' >/dev/null 2>&1; then
     log "installing $DJANGO_SPEC psycopg2-binary into $VENV"
@@ -78,7 +78,7 @@ fi
 if [ "$ENGINE_KIND" = sharedpool ]; then
     # Editable install; redone when pyproject.toml changes (or was never done).
     STAMP="$VENV/.sharedpool-editable"
-    WANT=$(cd "$REPO" && sha1sum pyproject.toml | cut -d' ' -f1)
+    WANT="$REPO $(cd "$REPO" && sha1sum pyproject.toml | cut -d' ' -f1)"
     if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] \
         || ! "$PY" -c 'import sharedpool' >/dev/null 2>&1; then
         log "pip install -e $REPO"
@@ -107,15 +107,11 @@ fi
 PGDIR=""
 cleanup() {
     if [ -n "$PGDIR" ]; then
-        if [ -f "$REPO/devtools/pgcluster.py" ]; then
-            (cd "$REPO" && "$PY" -m devtools.pgcluster stop --dir "$PGDIR") >/dev/null 2>&1
-        else
-            runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D "$PGDIR/data" \
-                -m fast -w stop >/dev/null 2>&1
-        fi
+        (cd "$REPO" && "$PY" -m devtools.pgcluster stop --dir "$PGDIR") >/dev/null 2>&1
         rm -rf "$PGDIR"
         PGDIR=""
     fi
+    [ -z "${LOG:-}" ] || rm -f "$LOG"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -125,21 +121,8 @@ if [ -n "${DATABASE_URL:-}" ] || [ -n "${PGHOST:-}" ]; then
     log "using the given server (${DATABASE_URL:-host=$PGHOST port=${PGPORT:-5432}})"
 else
     PGDIR=$(mktemp -d /tmp/djsuite-pg.XXXXXX) || die "mktemp failed"
-    if [ -f "$REPO/devtools/pgcluster.py" ]; then
-        URL=$(cd "$REPO" && "$PY" -m devtools.pgcluster start --dir "$PGDIR") \
-            || die "devtools.pgcluster start failed"
-    else
-        # Inline fallback: initdb refuses root, so run the server as 'postgres'.
-        BIN=/usr/lib/postgresql/15/bin
-        AS=(); [ "$(id -u)" = 0 ] && { chown postgres "$PGDIR"; AS=(runuser -u postgres --); }
-        PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-        ${AS[@]+"${AS[@]}"} "$BIN/initdb" -D "$PGDIR/data" -A trust -U postgres --no-sync >/dev/null \
-            || die "initdb failed"
-        ${AS[@]+"${AS[@]}"} "$BIN/pg_ctl" -D "$PGDIR/data" -l "$PGDIR/server.log" -w start \
-            -o "-h 127.0.0.1 -p $PORT -k $PGDIR -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
-            >/dev/null || die "pg_ctl start failed (see $PGDIR/server.log)"
-        URL="postgresql://postgres@127.0.0.1:$PORT/postgres"
-    fi
+    URL=$(cd "$REPO" && "$PY" -m devtools.pgcluster start --dir "$PGDIR") \
+        || die "devtools.pgcluster start failed"
     export DATABASE_URL=$URL
     log "started a throwaway PostgreSQL: $URL"
 fi

@@ -89,7 +89,7 @@ class ConnectionProxy:
 def stats() -> dict[str, dict[str, int]]:
     """Counters and gauges of every pool in this process, by pool name (summed over targets)."""
     result: dict[str, dict[str, int]] = {}
-    for name, budget in ProcessBudget._by_name.items():
+    for name, budget in list(ProcessBudget._by_name.items()):
         total: dict[str, int] = {}
         for pool in list(budget.pools):
             for key, value in pool.get_stats().items():

@@ -34,12 +34,12 @@ def coordinator_command(config: PoolConfig, *extra: str) -> list[str]:
     return command + list(extra)
 
 
-def start_coordinator(config: PoolConfig, *extra: str, detach: bool = True) -> subprocess.Popen:
+def start_coordinator(config: PoolConfig, *extra: str) -> subprocess.Popen:
     """Start a coordinator process for ``config`` and wait until it serves its ledger."""
     process = subprocess.Popen(
         coordinator_command(config, *extra),
         stdin=subprocess.DEVNULL,
-        start_new_session=detach,
+        start_new_session=True,
         close_fds=True,
     )
     _started.append(process)  # reaped later; dropping a running Popen warns

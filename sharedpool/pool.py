@@ -26,7 +26,7 @@ import psycopg2.extensions
 from . import forksafe
 from .config import PoolConfig
 from .embedded import attach_or_start
-from .errors import ConfigError, PoolClosed, PoolTimeout
+from .errors import ConfigError, PoolClosed, PoolTimeout, PoolUnavailable
 from .ledger import FLAG_BACKENDS_LOCAL, MAX_BACKENDS
 from .permits import PermitGate
 from .pressure import ShedListener, others_waiting, request_shed
@@ -111,14 +111,33 @@ class ProcessBudget:
                 return
             if self.closed:
                 raise PoolClosed(f"pool {self.name!r} is closed")
+            gate = self._register()
+            try:
+                interval = min(v for v in (self.config.max_idle, self.config.recycle, 60.0) if v is not None)
+                self.listener = ShedListener(self, os.getpid(), max(interval / 2, 0.5))
+            except BaseException:
+                gate.deregister()
+                raise
+            self.gate, self.slot = gate, gate.slot
+            self.pid = os.getpid()
+
+    def _register(self) -> PermitGate:
+        """Claim a slot in the pool's current ledger (under self.lock).
+
+        A coordinator exiting idle may unlink the ledger just as we attach; a
+        slot in an unlinked ledger would be a second budget, so follow the name.
+        """
+        for _ in range(3):
             if self.ledger is None:
                 self.ledger = attach_or_start(self.config)
             gate = PermitGate(self.ledger, on_pressure=self._on_pressure)
             gate.register()
-            self.gate, self.slot = gate, gate.slot
-            interval = min(v for v in (self.config.max_idle, self.config.recycle, 60.0) if v is not None)
-            self.listener = ShedListener(self, os.getpid(), max(interval / 2, 0.5))
-            self.pid = os.getpid()
+            if self.ledger.is_current():
+                return gate
+            gate.deregister()
+            self.ledger.close()
+            self.ledger = None
+        raise PoolUnavailable(f"pool {self.name!r}: the ledger keeps being replaced while attaching")
 
     def forget_after_fork(self) -> None:
         """Child after fork: drop the parent's connections and slot without any I/O."""
@@ -126,8 +145,8 @@ class ProcessBudget:
         self.cond = threading.Condition(self.lock)
         for pool in list(self.pools):
             pool.forget_after_fork()
-        if self.gate is not None:
-            self.gate.forget()
+        if self.listener is not None:
+            self.listener.sock.close()  # our copy only: the parent keeps listening on its own
         ledger = self.ledger
         self._reset_process_state()
         if ledger is not None:
@@ -143,15 +162,16 @@ class ProcessBudget:
         """
         if self.pid != os.getpid():
             return
-        for pool in list(self.pools):
-            pool.close()
         with self.lock:
-            self.closed = True
+            self.closed = True  # from now on a returned connection is closed, not parked
+            self.pid = 0  # the next checkout raises PoolClosed
             if self.listener is not None:
                 self.listener.close()
                 self.listener = None
+        for pool in list(self.pools):
+            pool.close()
+        with self.lock:
             finished = self.open == 0
-            self.pid = 0  # the next checkout raises PoolClosed
         if finished:
             self._deregister()
 
@@ -174,7 +194,7 @@ class ProcessBudget:
     def _on_pressure(self) -> None:
         request_shed(self.ledger, self.gate.slot_index)
 
-    def take_permit(self, deadline: float) -> None:
+    def take_permit(self, deadline: float, timeout: float) -> None:
         """Take one permit for a connection about to open (self.open already counted it)."""
         gate = self.gate
         if time.monotonic() - self.handed_over_at < HANDOVER_YIELD:
@@ -185,7 +205,7 @@ class ProcessBudget:
             self.global_waiters += 1
         self.listener.nudge()
         try:
-            gate.acquire(max(deadline - time.monotonic(), 0.0))
+            gate.acquire(max(deadline - time.monotonic(), 0.0), reported_timeout=timeout)
         finally:
             with self.lock:
                 self.global_waiters -= 1
@@ -197,17 +217,31 @@ class ProcessBudget:
         while sem.value > 0 and others_waiting(self.ledger, own) and time.monotonic() < deadline:
             time.sleep(0.001)
 
-    def give_back(self, entry: _Entry | None) -> None:
-        """Account a closed (or never opened) connection and post its permit."""
-        with self.lock:
-            self.open -= 1
-            if entry is not None:
+    def give_back(self, entry: _Entry | None, *, in_use: bool = False) -> None:
+        """Post the permit of a closed (or never opened) connection, then uncount it.
+
+        Posting first means a concurrent close() cannot see this connection gone
+        and deregister (posting every recorded permit) while ours is still held.
+        """
+        if entry is not None:
+            with self.lock:
                 self.slot.backends[entry.backend_index] = 0
                 self.backend_free.append(entry.backend_index)
                 self.slot.closed += 1
-            self.cond.notify()
-            last = self.closed and self.open == 0
         self.gate.release()
+        self.unreserve(in_use=in_use)
+
+    def unreserve(self, *, in_use: bool = True, opened: bool = True) -> None:
+        """Uncount a connection that is no longer in use and/or no longer open."""
+        with self.lock:
+            if in_use:
+                self.in_use -= 1
+                self._publish()
+            if opened:
+                self.open -= 1
+                if self.local_waiters:
+                    self.cond.notify()
+            last = self.closed and self.open == 0
         if last:
             self._deregister()
 
@@ -332,27 +366,42 @@ class LocalPool:
     def getconn(self, timeout: float | None = None) -> Any:
         """Check a connection out, waiting at most ``timeout`` (default TIMEOUT) seconds."""
         budget = self.budget
-        budget.ensure_ready()
-        self._stats["requests_num"] += 1
-        deadline = time.monotonic() + (self.config.timeout if timeout is None else timeout)
+        if not budget.pid:
+            budget.ensure_ready()
+        if timeout is None:
+            timeout = self.config.timeout
+        now = time.monotonic()
+        deadline = now + timeout
+        count = True
         while True:
-            entry = self._take_idle_or_reserve(deadline)
+            entry = self._take_idle_or_reserve(deadline, timeout, count)
+            count = False
             if entry is None:
-                return self._open_new(deadline)
-            problem = self._problem(entry)
+                return self._open_new(deadline, timeout)
+            try:
+                problem = self._problem(entry, now)
+            except BaseException:  # e.g. gevent.Timeout during the ping: don't strand its permit
+                self._close_entry(entry, checked_out=True)
+                raise
             if problem is None:
                 self._out[id(entry.conn)] = entry
                 return entry.conn
             if problem == "lost":
-                self._stats["connections_lost"] += 1
+                with budget.lock:
+                    self._stats["connections_lost"] += 1
             self._close_entry(entry, checked_out=True)
+            now = time.monotonic()
 
-    def _take_idle_or_reserve(self, deadline: float) -> _Entry | None:
+    def _take_idle_or_reserve(self, deadline: float, timeout: float, count: bool) -> _Entry | None:
         """Pop the warmest idle connection, or count a new one in; wait at the cap."""
         budget = self.budget
         with budget.lock:
+            if count:
+                self._stats["requests_num"] += 1
             waited = False
             while True:
+                if budget.closed:
+                    raise PoolClosed(f"pool {self.config.name!r} is closed")
                 idle = self._idle
                 if idle:
                     entry = idle.pop()
@@ -387,39 +436,33 @@ class LocalPool:
                         continue
                     self._stats["requests_errors"] += 1
                     raise PoolTimeout(
-                        f"pool {self.config.name!r}: no connection after {self.config.timeout:.1f} s "
+                        f"pool {self.config.name!r}: no connection after {timeout:.1f} s "
                         f"(MAX_PER_PROCESS {budget.max_open} reached in process {os.getpid()}: "
                         f"{budget.in_use} in use, {budget.idle} idle)"
                     )
 
-    def _open_new(self, deadline: float) -> Any:
+    def _open_new(self, deadline: float, timeout: float) -> Any:
         budget = self.budget
         started = time.monotonic()
         try:
-            budget.take_permit(deadline)
+            budget.take_permit(deadline, timeout)
         except BaseException:
             with budget.lock:
-                budget.open -= 1
-                budget.in_use -= 1
-                budget._publish()
-                budget.cond.notify()
-            self._stats["requests_errors"] += 1
+                self._stats["requests_errors"] += 1
+            budget.unreserve()
             raise
-        waited_ms = (time.monotonic() - started) * 1000.0
-        if waited_ms >= 1.0:
-            self._stats["requests_wait_ms"] += int(waited_ms)
+        waited_ms = int((time.monotonic() - started) * 1000.0)
         slot = budget.slot
         with budget.lock:
+            self._stats["requests_wait_ms"] += waited_ms
             slot.connecting += 1
         try:
             conn = self._connect(*self._connect_args, **self._connect_kwargs)
         except BaseException:
             with budget.lock:
                 slot.connecting -= 1
-                budget.in_use -= 1
-                budget._publish()
-            self._stats["connections_errors"] += 1
-            budget.give_back(None)
+                self._stats["connections_errors"] += 1
+            budget.give_back(None, in_use=True)
             raise
         backend_pid = conn.info.backend_pid
         local = _backend_is_local(conn, backend_pid)
@@ -428,6 +471,7 @@ class LocalPool:
             slot.backends[index] = backend_pid
             slot.connecting -= 1
             slot.opened += 1
+            self._stats["connections_num"] += 1
             if not local:
                 budget.all_local = False
             if budget.all_local:
@@ -435,13 +479,11 @@ class LocalPool:
             else:
                 slot.flags &= ~FLAG_BACKENDS_LOCAL
         entry = _Entry(conn, self, time.monotonic(), index)
-        self._stats["connections_num"] += 1
         self._out[id(conn)] = entry
         return conn
 
-    def _problem(self, entry: _Entry) -> str | None:
+    def _problem(self, entry: _Entry, now: float) -> str | None:
         """Return why an idle connection must not be handed out ("lost", "recycled"), or None."""
-        now = time.monotonic()
         conn = entry.conn
         if conn.closed:
             return "lost"
@@ -466,23 +508,31 @@ class LocalPool:
         entry = self._out.pop(id(conn), None)
         if entry is None:
             return  # dropped after fork, or already returned
-        if not discard and not conn.closed:
-            status = conn.get_transaction_status()
-            if status != _IDLE:
-                if status in _RESETTABLE:
-                    try:
-                        conn.rollback()
-                    except psycopg2.Error:
-                        discard = True
-                else:
-                    discard = True
-            if discard:
-                self._stats["returns_bad"] += 1
-        else:
+        bad = False
+        if discard or conn.closed:
             discard = True
+        else:
+            try:
+                status = conn.get_transaction_status()
+                if status != _IDLE:
+                    if status in _RESETTABLE:
+                        conn.rollback()
+                    else:
+                        bad = True  # a query still running, or a lost connection
+            except psycopg2.Error:
+                bad = True
+            except BaseException:  # e.g. gevent.Timeout during the rollback: don't strand the permit
+                self._close_entry(entry, checked_out=True)
+                raise
         budget = self.budget
         with budget.lock:
-            if not discard and not budget.should_hand_over(entry) and not self.budget.closed:
+            if bad:
+                self._stats["returns_bad"] += 1
+            elif not (
+                discard
+                or budget.closed
+                or ((budget.global_waiters or budget.shed_pending) and budget.should_hand_over(entry))
+            ):
                 entry.last_used = time.monotonic()
                 self._idle.append(entry)
                 budget.idle += 1
@@ -491,9 +541,7 @@ class LocalPool:
                 if budget.local_waiters:
                     budget.cond.notify()
                 return
-            budget.in_use -= 1
-            budget._publish()
-        self._close_entry(entry)
+        self._close_entry(entry, checked_out=True)
 
     @contextlib.contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[Any]:
@@ -513,12 +561,8 @@ class LocalPool:
 
     def _close_entry(self, entry: _Entry, *, checked_out: bool = False) -> None:
         """Close synchronously, then give the permit back (never the other way round)."""
-        if checked_out:
-            with self.budget.lock:
-                self.budget.in_use -= 1
-                self.budget._publish()
         close_synchronously(entry.conn)
-        self.budget.give_back(entry)
+        self.budget.give_back(entry, in_use=checked_out)
 
     def close(self) -> None:
         """Close the idle connections; checked-out ones close when returned."""
@@ -587,7 +631,13 @@ def close_synchronously(conn: Any) -> None:
     try:
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-        poller.poll(CLOSE_WAIT * 1000)
+        deadline = time.monotonic() + CLOSE_WAIT
+        # unread messages (NOTIFY, ParameterStatus) also wake poll: read until EOF
+        while (left := deadline - time.monotonic()) > 0 and poller.poll(left * 1000):
+            if not os.read(fd, 65536):
+                break
+    except OSError:
+        pass  # reset by the server: it is gone
     finally:
         os.close(fd)
 
@@ -633,13 +683,20 @@ def _backend_is_local(conn: Any, backend_pid: int) -> bool:
 
 
 def _forget_all_after_fork() -> None:
+    ProcessBudget._registry_lock = threading.Lock()  # another thread may have held it at fork
     for budget in list(ProcessBudget._by_name.values()):
         budget.forget_after_fork()
 
 
-def close_all() -> None:
-    """Close this process's pools and free its slots (at exit, or from a server hook)."""
-    for budget in list(ProcessBudget._by_name.values()):
+def close_all(name: str | None = None) -> None:
+    """Close this process's pools (all, or those of pool NAME) and free their slots.
+
+    Runs at exit, from a server's worker-exit hook or a test's teardown. A
+    later checkout through a new LocalPool starts afresh.
+    """
+    with ProcessBudget._registry_lock:
+        budgets = [b for n, b in ProcessBudget._by_name.items() if name is None or n == name]
+    for budget in budgets:
         budget.close()
 
 

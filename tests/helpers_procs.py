@@ -131,7 +131,7 @@ GATE_WORKER = textwrap.dedent(
         elif verb == "raw":
             for _ in range(n):
                 gate.slot.inflight += 1
-                ledger.sem.acquire()
+                ledger.sem.acquire(10)
         elif verb == "exit":
             gate.deregister()
             break
@@ -148,7 +148,7 @@ class GateWorker:
             [PYTHON, "-c", GATE_WORKER, name, str(timeout)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
         )
-        line = self.proc.stdout.readline()
+        line = read_line(self.proc)
         if not line.startswith("registered"):
             raise AssertionError(f"worker failed to register: {line!r} {self.proc.stderr.read()}")
         self.slot_index = int(line.split()[1])
@@ -159,7 +159,7 @@ class GateWorker:
 
     def do(self, command: str) -> None:
         self.proc.stdin.write(command + "\n")
-        line = self.proc.stdout.readline()
+        line = read_line(self.proc)
         if not line.startswith("ok"):
             raise AssertionError(f"worker command {command!r} failed: {line!r} {self.proc.stderr.read()}")
 
@@ -236,14 +236,14 @@ class PoolWorker(GateWorker):
             [PYTHON, "-c", POOL_WORKER, name, str(budget), dsn],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
         )
-        line = self.proc.stdout.readline()
+        line = read_line(self.proc)
         if not line.startswith("ready"):
             raise AssertionError(f"pool worker failed to start: {line!r} {self.proc.stderr.read()}")
 
     def get(self, n: int) -> list[int]:
         """Check out ``n`` connections; return their backend pids."""
         self.proc.stdin.write(f"get {n}\n")
-        line = self.proc.stdout.readline()
+        line = read_line(self.proc)
         if not line.startswith("ok"):
             raise AssertionError(f"get {n} failed: {line!r} {self.proc.stderr.read()}")
         return [int(p) for p in line.split()[1:]]
@@ -423,7 +423,11 @@ def process_gone(pid: int) -> bool:
 
 
 class PeakSampler(threading.Thread):
-    """Sample the pool's server connections (application_name sharedpool/NAME) every ``interval``."""
+    """Sample the pool's server connections (application_name sharedpool/NAME) every ``interval``.
+
+    ``stop()`` fails the test if sampling broke or never happened: a cap
+    check over no samples would pass without evidence.
+    """
 
     def __init__(self, dsn: str, name: str, interval: float = 0.01) -> None:
         super().__init__(daemon=True)
@@ -434,6 +438,7 @@ class PeakSampler(threading.Thread):
         self.peak = 0
         self.samples = 0
         self.last = 0
+        self.error: BaseException | None = None
         self._stop_event = threading.Event()
 
     def count(self) -> int:
@@ -446,16 +451,22 @@ class PeakSampler(threading.Thread):
             return cur.fetchone()[0]
 
     def run(self) -> None:
-        while not self._stop_event.is_set():
-            self.last = self.count()
-            self.peak = max(self.peak, self.last)
-            self.samples += 1
-            self._stop_event.wait(self.interval)
+        try:
+            while not self._stop_event.is_set():
+                self.last = self.count()
+                self.peak = max(self.peak, self.last)
+                self.samples += 1
+                self._stop_event.wait(self.interval)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in stop()
+            self.error = exc
 
     def stop(self) -> int:
         self._stop_event.set()
         self.join()
         self.conn.close()
+        if self.error is not None:
+            raise AssertionError(f"the server sampler failed: {self.error!r}") from self.error
+        assert self.samples > 0, "the server sampler took no sample"
         return self.peak
 
     def __enter__(self) -> "PeakSampler":
@@ -463,5 +474,5 @@ class PeakSampler(threading.Thread):
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.is_alive():
+        if self.is_alive() or not self.conn.closed:
             self.stop()

@@ -7,10 +7,10 @@ embedded coordinator run in subprocesses.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -36,8 +36,7 @@ from pooltest.models import Item  # noqa: E402
 import sharedpool  # noqa: E402
 from devtools.pgcluster import parse_dsn  # noqa: E402
 from sharedpool.integrations.django.base import close_pools  # noqa: E402
-from sharedpool.errors import LedgerError  # noqa: E402
-from sharedpool.ledger import Ledger  # noqa: E402
+from helpers_procs import coordinator  # noqa: E402
 
 TABLE = "CREATE TABLE pooltest_item (id serial PRIMARY KEY, name varchar(50) NOT NULL, n integer NOT NULL)"
 
@@ -72,30 +71,9 @@ def database(pg):
 
 @pytest.fixture
 def start_coordinator():
-    """Start ``sharedpool coordinator --remove-on-exit`` for a name; SIGTERM it at teardown."""
-    procs = []
-
-    def start(name, budget):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sharedpool.coordinator", "coordinator", "--name", name,
-             "--budget", str(budget), "--remove-on-exit"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        procs.append(proc)
-        deadline = time.monotonic() + 10
-        while True:  # attachable, not just there: the header is written after the segment appears
-            assert proc.poll() is None, f"coordinator exited with {proc.returncode}"
-            assert time.monotonic() < deadline, "coordinator did not create its ledger"
-            try:
-                Ledger.attach(name).close()
-                return proc
-            except LedgerError:
-                time.sleep(0.01)
-
-    yield start
-    for proc in procs:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
+    """Start a real coordinator for a pool name; stop it and remove its IPC objects at teardown."""
+    with contextlib.ExitStack() as stack:
+        yield lambda name, budget: stack.enter_context(coordinator(name, budget))
 
 
 @pytest.fixture

@@ -273,3 +273,22 @@ def test_a_closed_pool_refuses_checkouts(make_pool):
     pool.budget.close()
     with pytest.raises(PoolClosed, match="is closed"):
         pool.getconn()
+
+
+def test_synchronous_close_waits_for_the_backend_even_with_unread_notifications(dsn):
+    from sharedpool.pool import close_synchronously
+
+    listener = psycopg2.connect(dsn)
+    listener.autocommit = True
+    listener.cursor().execute("LISTEN sharedpool_test")
+    pid = backend_pid(listener)
+    notifier = psycopg2.connect(dsn)
+    notifier.autocommit = True
+    for _ in range(3):
+        notifier.cursor().execute("NOTIFY sharedpool_test, 'unread'")
+    time.sleep(0.1)  # the notifications now sit unread in the listener's socket
+    close_synchronously(listener)
+    with notifier.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
+        assert cur.fetchone()[0] == 0  # gone from the server when close returned
+    notifier.close()

@@ -31,7 +31,7 @@ from django.db.backends.postgresql import base as postgresql  # noqa: E402
 from django.db.backends.postgresql.psycopg_any import IsolationLevel  # noqa: E402
 
 from sharedpool.errors import ConfigError  # noqa: E402
-from sharedpool.pool import LocalPool  # noqa: E402
+from sharedpool.pool import LocalPool, close_all  # noqa: E402
 
 from .config import pool_config  # noqa: E402
 
@@ -313,8 +313,6 @@ def close_pools(name: str | None = None) -> None:
     teardown. Idle connections close now; connections still checked out close
     when given back. A later checkout starts afresh.
     """
-    from sharedpool.pool import ProcessBudget
-
     _give_back_orphans()
     with _pools_lock:
         keys = [key for key in _pools if name is None or key[1].name == name]
@@ -322,7 +320,4 @@ def close_pools(name: str | None = None) -> None:
         for key in keys:
             _pools.pop(key).close()
     for pool_name in names:
-        with ProcessBudget._registry_lock:
-            budget = ProcessBudget._by_name.pop(pool_name, None)
-        if budget is not None:
-            budget.close()
+        close_all(pool_name)
