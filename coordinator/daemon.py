@@ -7,7 +7,9 @@ finishes pending reclaims and audits the semaphore against the ledger.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import selectors
@@ -26,8 +28,10 @@ from sharedpool.ledger import (
     Header,
     Ledger,
     Slot,
+    group_id,
     ipc_names,
     is_alive,
+    lock_path,
     permit_counts,
     permits_recorded,
     process_start_time,
@@ -44,6 +48,7 @@ TICK = 0.1  # seconds between passes when no event arrives
 AUDIT_EVERY = 0.5
 RECLAIM_POLL = 0.005  # seconds between /proc checks while a dead worker's backends exit
 BACKEND_WARN_AFTER = 5.0  # seconds a dead worker's backend may run before a warning
+LOCK_PATIENCE = 10.0  # seconds a coordinator that lost the lock waits for the winner to be ready
 
 
 class CoordinatorError(SharedPoolError):
@@ -96,10 +101,12 @@ class Coordinator:
         self._next_watchdog = 0.0
         self._control = None
         self._wakeup_r = self._wakeup_w = -1
+        self._lock_fd = -1
 
     # -- start -----------------------------------------------------------------------
 
     def start(self) -> None:
+        self._take_lock()
         self.ledger = self._create_or_adopt()
         self._control = channel.bind(channel.coordinator_address(self.name))
         self._control.setblocking(False)
@@ -119,6 +126,40 @@ class Coordinator:
             self.name, os.getpid(), self.ledger.header.budget, self.ledger.header.epoch,
         )
 
+    def _take_lock(self) -> None:
+        """Hold the pool's lock file for this process's life: one coordinator per pool name.
+
+        Everything that creates, adopts or recreates the IPC objects runs
+        under it; the kernel drops it when we die. A loser (N workers booting
+        together each start one) waits until the winner has claimed the
+        ledger, so whoever started it finds a ready pool, then fails.
+        """
+        opts = self.options
+        path = lock_path(opts.name)
+        gid = group_id(opts.group) if opts.group else -1
+        deadline = time.monotonic() + LOCK_PATIENCE
+        while True:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o660 if opts.group else 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                if _claimed_by_live_coordinator(opts.name, opts.group) or time.monotonic() > deadline:
+                    raise CoordinatorError(f"pool {opts.name!r}: a coordinator already runs (pid {holder})") from None
+                time.sleep(0.01)
+                continue
+            # an exiting coordinator may have removed the file between our open and our lock
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            os.close(fd)
+        if gid != -1:
+            os.fchown(fd, -1, gid)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
     def _create_or_adopt(self) -> Ledger:
         opts = self.options
         try:
@@ -136,24 +177,24 @@ class Coordinator:
         opts = self.options
         sem_name = ipc_names(opts.name)[1]
         if not Ledger.exists(opts.name):
-            # a semaphore without its segment: a creation that died half-way
-            unlink(opts.name)
+            # a semaphore without its segment: a creation that died half-way (we hold the lock,
+            # so no other coordinator is between the two right now)
+            with contextlib.suppress(posix_ipc.ExistentialError):
+                posix_ipc.unlink_semaphore(sem_name)
             log.warning("pool %r: removed a semaphore left without its ledger", opts.name)
             return Ledger.create(opts.name, opts.budget, nslots=opts.nslots, group=opts.group)
-        if not os.path.exists(f"/dev/shm/sem.{sem_name[1:]}"):
-            self._recreate_semaphore()
         try:
+            if not os.path.exists(f"/dev/shm/sem.{sem_name[1:]}"):
+                self._recreate_semaphore()
             ledger = Ledger.attach(opts.name, group=opts.group)
         except LedgerError as exc:
             raise CoordinatorError(f"{exc}; remove it with `sharedpool cleanup --name {opts.name}`") from None
         header = ledger.header
-        if header.coordinator_pid and header.coordinator_pid != os.getpid() and is_alive(
-            header.coordinator_pid, header.coordinator_start
-        ):
+        try:
+            self._refuse_live_coordinator(header)
+        except CoordinatorError:
             ledger.close()
-            raise CoordinatorError(
-                f"pool {opts.name!r}: a coordinator already runs (pid {header.coordinator_pid})"
-            )
+            raise
         header.epoch += 1
         log.info(
             "pool %r: adopted existing ledger (epoch %d, budget %d, %d permits held)",
@@ -164,6 +205,13 @@ class Coordinator:
             self.set_budget(opts.budget)
         return ledger
 
+    def _refuse_live_coordinator(self, header: Header) -> None:
+        """Another live coordinator claims the ledger (one that predates the lock file, or whose
+        file a forced cleanup removed): touch nothing."""
+        pid = header.coordinator_pid
+        if pid and pid != os.getpid() and is_alive(pid, header.coordinator_start):
+            raise CoordinatorError(f"pool {self.name!r}: a coordinator already runs (pid {pid})")
+
     def _recreate_semaphore(self) -> None:
         """The segment survived its semaphore: rebuild it from what the slots record."""
         opts = self.options
@@ -172,6 +220,7 @@ class Coordinator:
         try:
             validate_segment(opts.name, shm.fd, f"/dev/shm/{shm_name[1:]}", opts.group)
             header = Header.from_buffer_copy(os.pread(shm.fd, ctypes.sizeof(Header), 0))
+            self._refuse_live_coordinator(header)
             raw = os.pread(shm.fd, header.slot_hwm * ctypes.sizeof(Slot), ctypes.sizeof(Header))
             free = max(0, header.physical - permits_recorded(raw))
             mode = 0o660 if opts.group else 0o600
@@ -481,4 +530,18 @@ class Coordinator:
         os.close(self._wakeup_r)
         os.close(self._wakeup_w)
         ledger.close()
+        os.close(self._lock_fd)  # last: the next coordinator may start now
         return 0
+
+
+def _claimed_by_live_coordinator(name: str, group: str | None) -> bool:
+    """Tell whether a valid ledger is claimed by a live coordinator."""
+    try:
+        ledger = Ledger.attach(name, group=group)
+    except LedgerError:
+        return False
+    try:
+        header = ledger.header
+        return bool(header.coordinator_pid) and is_alive(header.coordinator_pid, header.coordinator_start)
+    finally:
+        ledger.close()

@@ -105,11 +105,16 @@ def ipc_names(name: str) -> tuple[str, str]:
     return f"/sharedpool.{name}", f"/sharedpool.{name}"
 
 
+def lock_path(name: str) -> str:
+    """Return the file a pool's coordinator holds an exclusive ``flock`` on for its whole life."""
+    return f"/dev/shm/sharedpool.{name}.lock"
+
+
 def segment_size(nslots: int) -> int:
     return ctypes.sizeof(Header) + nslots * ctypes.sizeof(Slot)
 
 
-def _proc_stat(pid: int) -> list[bytes] | None:
+def proc_stat(pid: int) -> list[bytes] | None:
     """Return the fields of /proc/PID/stat after the command name, or None if it is gone."""
     if pid <= 0:
         return None
@@ -124,7 +129,7 @@ def _proc_stat(pid: int) -> list[bytes] | None:
 
 def process_start_time(pid: int) -> int | None:
     """Return the kernel start time of ``pid`` in clock ticks, or None if it is gone."""
-    fields = _proc_stat(pid)
+    fields = proc_stat(pid)
     return None if fields is None else int(fields[19])
 
 
@@ -134,7 +139,7 @@ def is_alive(pid: int, start_time: int) -> bool:
     A zombie (exited, not yet reaped by its parent) is dead: the kernel has
     already closed its descriptors, so its connections are gone.
     """
-    fields = _proc_stat(pid)
+    fields = proc_stat(pid)
     return fields is not None and fields[0] not in (b"Z", b"X") and int(fields[19]) == start_time
 
 
@@ -223,7 +228,7 @@ class Ledger:
             sem.close()
             raise
         if group:
-            gid = _group_id(group)
+            gid = group_id(group)
             os.fchown(shm.fd, -1, gid)
             os.chown(f"/dev/shm/sem.{sem_name[1:]}", -1, gid)
         ledger = cls.__new__(cls)
@@ -431,7 +436,11 @@ class Ledger:
 
 
 def unlink(name: str) -> list[str]:
-    """Remove a pool's segment and semaphore names; return those that existed."""
+    """Remove a pool's segment, semaphore and coordinator lock file; return those that existed.
+
+    A coordinator that still runs keeps its lock on the removed file: only
+    remove the names of a pool whose coordinator is gone (or is exiting).
+    """
     shm_name, sem_name = ipc_names(name)
     removed = []
     with contextlib.suppress(posix_ipc.ExistentialError):
@@ -440,6 +449,9 @@ def unlink(name: str) -> list[str]:
     with contextlib.suppress(posix_ipc.ExistentialError):
         posix_ipc.unlink_semaphore(sem_name)
         removed.append(f"/dev/shm/sem.{sem_name[1:]}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(lock_path(name))
+        removed.append(lock_path(name))
     return removed
 
 
@@ -479,7 +491,7 @@ def validate_segment(name: str, fd: int, path: str, group: str | None = None) ->
     info = os.fstat(fd)
     euid = os.geteuid()
     if info.st_uid != euid and euid != 0:
-        allowed = group is not None and info.st_gid == _group_id(group) and info.st_mode & stat.S_IRWXG
+        allowed = group is not None and info.st_gid == group_id(group) and info.st_mode & stat.S_IRWXG
         if not allowed:
             raise LedgerError(
                 f"pool {name!r}: {path} is owned by uid {info.st_uid}, not by this user (uid {euid}); "
@@ -512,7 +524,7 @@ def _sem_inode(name: str) -> int | None:
         return None
 
 
-def _group_id(group: str) -> int:
+def group_id(group: str) -> int:
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:

@@ -11,7 +11,7 @@ import time
 import posix_ipc
 import pytest
 
-from sharedpool.ledger import Ledger, ipc_names, unlink
+from sharedpool.ledger import Ledger, ipc_names, lock_path, unlink
 
 from helpers_procs import CoordinatorProc, GateWorker, coordinator, run_cli, sem_free, wait_until
 
@@ -89,7 +89,8 @@ def test_cleanup_refuses_with_live_workers(unique_name):
             worker.exit()
         out = run_cli("cleanup", "--name", unique_name)
         assert out.returncode == 0 and f"removed /dev/shm/sharedpool.{unique_name}" in out.stdout
-        assert not Ledger.exists(unique_name)
+        assert f"removed {lock_path(unique_name)}" in out.stdout  # the coordinator's lock file too
+        assert not Ledger.exists(unique_name) and not os.path.exists(lock_path(unique_name))
     assert "nothing to remove" in run_cli("cleanup", "--name", unique_name).stdout
 
 

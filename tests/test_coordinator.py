@@ -14,7 +14,7 @@ import time
 import posix_ipc
 import pytest
 
-from sharedpool.ledger import Ledger, ipc_names, is_alive, process_start_time, unlink
+from sharedpool.ledger import Ledger, ipc_names, is_alive, lock_path, process_start_time, unlink
 
 from helpers_procs import CoordinatorProc, GateWorker, PoolWorker, coordinator, sem_free, wait_until
 
@@ -176,6 +176,35 @@ def test_coordinator_absent_cap_holds_then_adoption_reclaims(unique_name):
         unlink(unique_name)
 
 
+def test_simultaneous_coordinators_one_runs(unique_name):
+    """N workers booting together each start a coordinator: one runs, the others stop once it is ready."""
+    procs = [CoordinatorProc(unique_name, 3, remove_on_exit=False, wait=False) for _ in range(6)]
+    try:
+        assert wait_until(lambda: sum(p.proc.poll() is not None for p in procs) >= 5, 20.0)
+        [winner] = [p for p in procs if p.proc.poll() is None]
+        winner.wait_ready()
+        for loser in procs:
+            if loser is not winner:
+                assert loser.proc.returncode == 1
+                assert f"a coordinator already runs (pid {winner.pid})" in loser.log(), loser.log()
+        ledger = Ledger.attach(unique_name)
+        try:
+            header = ledger.header
+            assert (header.coordinator_pid, header.physical, header.budget) == (winner.pid, 3, 3)
+            time.sleep(2 * 0.5 + 0.2)  # audits pass: nothing posted twice, nothing taken
+            assert ledger.sem.value == 3 and header.audit_fixes == 0
+        finally:
+            ledger.close()
+        with open(lock_path(unique_name)) as f:
+            assert f.read().strip() == str(winner.pid)
+        assert "exceeds" not in winner.log() and "audit returned" not in winner.log()
+    finally:
+        for p in procs:
+            p.close()
+        unlink(unique_name)
+    assert not os.path.exists(lock_path(unique_name))  # unlink() removes the lock file too
+
+
 def test_audit_repairs_leak_of_worker_killed_mid_acquire(unique_name):
     """Killed after the semaphore moved but before ``held``: the audit returns the permit."""
     with coordinator(unique_name, 2) as coord:
@@ -221,6 +250,7 @@ def test_sigterm_leaves_objects_by_default(unique_name):
         assert Ledger.exists(unique_name)
         assert os.path.exists(f"/dev/shm/sem.{ipc_names(unique_name)[1][1:]}")
         assert "ledger left for 0 running worker(s)" in coord.log()
+        assert os.path.exists(lock_path(unique_name))  # the lock file stays with the ledger
         ledger = Ledger.attach(unique_name)
         try:
             assert ledger.header.coordinator_pid == 0  # stopped cleanly: nobody mistakes it for alive
@@ -236,6 +266,7 @@ def test_sigterm_with_remove_on_exit_removes_objects(unique_name):
         assert coord.stop(signal.SIGTERM) == 0
         assert not Ledger.exists(unique_name)
         assert not os.path.exists(f"/dev/shm/sem.{ipc_names(unique_name)[1][1:]}")
+        assert not os.path.exists(lock_path(unique_name))
         assert "removed /dev/shm/sharedpool." in coord.log()
 
 
