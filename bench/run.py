@@ -46,6 +46,8 @@ WRK_SCRIPT = os.path.join(BENCH_DIR, "wrk", "report.lua")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from devtools.pgcluster import free_port  # noqa: E402
+
 STRATEGIES = ["direct", "persistent", "djdbpool", "pgbouncer", "sharedpool"]
 DB_NAME = "bench"                 # main() makes both unique to the process
 TEMPLATE_DB = "bench_template"
@@ -90,12 +92,6 @@ def venv_bin(name: str) -> str:
     if not found:
         raise SystemExit(f"error: {name} not found next to {sys.executable} nor on PATH")
     return found
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- database

@@ -41,7 +41,7 @@ __all__ = [
     "ClusterError",
     "find_bindir",
     "server_backends",
-    "make_database",
+    "free_port",
     "dsn_to_url",
     "url_to_dsn",
     "main",
@@ -100,7 +100,7 @@ def find_bindir() -> str:
         "/usr/lib/postgresql/*/bin/initdb (apt-get install postgresql, or set PG_BINDIR)")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -259,24 +259,6 @@ def server_backends(dsn: str, app_name_like: str = "sharedpool%") -> int:
         conn.close()
 
 
-def make_database(dsn: str, name: str, *, drop_existing: bool = False) -> str:
-    """CREATE DATABASE name (optionally dropping it first, WITH (FORCE));
-    return ``dsn`` with dbname replaced (keyword string)."""
-    from psycopg2 import sql
-    conn = _connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            if drop_existing:
-                cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
-                            .format(sql.Identifier(name)))
-            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    finally:
-        conn.close()
-    kw = parse_dsn(dsn)
-    kw["dbname"] = name
-    return make_dsn(**kw)
-
-
 # --------------------------------------------------------------------------- cluster
 
 class TempCluster:
@@ -332,9 +314,6 @@ class TempCluster:
     @property
     def url(self) -> str:
         return f"postgresql://{self.user}@{self.host}:{self.port}/{self.dbname}"
-
-    def dsn_for(self, dbname: str, **extra: object) -> str:
-        return make_dsn(host=self.host, port=self.port, user=self.user, dbname=dbname, **extra)
 
     def connect(self, **kw):
         """psycopg2 connection (autocommit) to the postgres database."""
@@ -432,7 +411,7 @@ class TempCluster:
         attempts = 1 if self._fixed_port else 5
         for attempt in range(attempts):
             if not self._fixed_port and (self.port is None or attempt > 0):
-                self.port = _free_port()
+                self.port = free_port()
             self._write_conf()
             proc = self.pg_ctl("start", check=False)
             if proc.returncode == 0:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 from sharedpool import channel, forksafe
 from sharedpool.config import ENV_PREFIX, PoolConfig
+from sharedpool.ledger import proc_stat
 
 log = logging.getLogger("sharedpool.integrations")
 
@@ -97,12 +98,8 @@ def start_embedded(config: PoolConfig, server_pid: int) -> subprocess.Popen:
 
 
 def parent_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return int(data[data.rindex(b")") + 2 :].split()[1])
+    fields = proc_stat(pid)
+    return None if fields is None else int(fields[1])
 
 
 def stop_process(pid: int, timeout: float = STOP_TIMEOUT) -> None:

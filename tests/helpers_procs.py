@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator
 
 import psycopg2
 
-from sharedpool.ledger import Ledger, unlink
+from devtools.pgcluster import server_backends
+from sharedpool.ledger import Ledger, proc_stat, unlink
 
 PYTHON = sys.executable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -407,19 +408,13 @@ def finish(proc: subprocess.Popen, timeout: float = 30.0) -> str:
 
 def backends(dsn: str, name: str) -> int:
     """Count the pool's server connections in pg_stat_activity right now."""
-    with contextlib.closing(psycopg2.connect(dsn, application_name="probe")) as conn, conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (f"sharedpool/{name}",))
-        return cur.fetchone()[0]
+    return server_backends(dsn, f"sharedpool/{name}")
 
 
 def process_gone(pid: int) -> bool:
     """Tell whether ``pid`` has exited (a zombie nobody reaped yet counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return True
-    return data[data.rindex(b")") + 2 :].split()[0] in (b"Z", b"X")
+    fields = proc_stat(pid)
+    return fields is None or fields[0] in (b"Z", b"X")
 
 
 class PeakSampler(threading.Thread):

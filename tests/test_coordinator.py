@@ -16,7 +16,7 @@ import pytest
 
 from sharedpool.ledger import Ledger, ipc_names, is_alive, lock_path, process_start_time, unlink
 
-from helpers_procs import CoordinatorProc, GateWorker, PoolWorker, coordinator, sem_free, wait_until
+from helpers_procs import CoordinatorProc, GateWorker, PoolWorker, coordinator, run_cli, sem_free, wait_until
 
 
 def test_sigkilled_worker_permits_come_back(unique_name):
@@ -80,6 +80,7 @@ def test_live_worker_is_not_reclaimed(unique_name):
         assert sem_free(unique_name) == 2
 
 
+@pytest.mark.timing
 def test_reclaim_waits_for_grace_without_local_backends(unique_name):
     """No backend recorded on this host: the permits come back after RECLAIM_GRACE, not before."""
     with coordinator(unique_name, 4, "--reclaim-grace", "0.3"):
@@ -345,3 +346,33 @@ def test_sighup_reconciles_and_keeps_running(unique_name):
         coord.proc.send_signal(signal.SIGHUP)
         assert wait_until(lambda: "SIGHUP: reconciling" in coord.log(), 2.0)
         assert coord.proc.poll() is None
+
+
+def test_bad_or_foreign_budget_requests_are_ignored(unique_name):
+    """Budget 0, a budget beyond the semaphore's range, or any request from another user: logged, ignored."""
+    from sharedpool import channel
+
+    address = channel.coordinator_address(unique_name)
+    with coordinator(unique_name, 2) as coord:
+        for bad in ("0", str(2**40), "-3", "two"):
+            assert channel.send(address, f"budget {bad}".encode())
+            assert wait_until(lambda: f"ignored budget request {bad!r}" in coord.log(), 2.0), coord.log()
+        if os.geteuid() == 0:
+            child = os.fork()
+            if child == 0:  # another user on the host
+                try:
+                    os.setuid(65534)
+                    channel.send(address, b"budget 1")
+                finally:
+                    os._exit(0)
+            os.waitpid(child, 0)
+            assert wait_until(lambda: "from uid 65534" in coord.log(), 2.0), coord.log()
+        assert coord.proc.poll() is None
+        ledger = Ledger.attach(unique_name)
+        try:
+            assert (ledger.header.budget, ledger.header.physical, ledger.header.reloads, ledger.sem.value) == (2, 2, 0, 2)
+        finally:
+            ledger.close()
+        out = run_cli("reload", "--name", unique_name, "--budget", "3")  # our own user: applied
+        assert out.returncode == 0, out.stderr
+        assert sem_free(unique_name) == 3

@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from apps.loadtools import Load, free_port, pool_status, stop_server, wait_http
+from apps.loadtools import Load, pool_status, stop_server, wait_http
+from devtools.pgcluster import free_port
 from helpers_procs import PeakSampler, process_gone, wait_until
 from sharedpool.ledger import Ledger
 
@@ -28,7 +29,6 @@ GUNICORN = [sys.executable, "-m", "gunicorn"]
 # gunicorn >= 24 opens a control socket at one fixed path per user: keep parallel arbiters apart
 NO_CONTROL_SOCKET = ["--no-control-socket"] if "control_socket_disable" in {
     setting.name for setting in __import__("gunicorn.config").config.KNOWN_SETTINGS} else []
-PEAKS: dict[str, tuple[int, int]] = {}  # test -> (peak, budget), printed at the end
 
 
 def ipc_objects(name: str) -> list[str]:
@@ -101,7 +101,6 @@ def server(dsn, unique_name, tmp_path, request):
 
 
 def record(request, peak, budget):
-    PEAKS[request.node.name] = (peak, budget)
     print(f"\n{request.node.name}: server-side peak {peak} connections, budget {budget}")
 
 
@@ -164,6 +163,7 @@ def _worker_in_query(name: str, dsn: str, marker: str) -> tuple[int, int]:
     return 0, backend
 
 
+@pytest.mark.timing
 def test_sigkill_worker_mid_request_returns_its_permits(dsn, server, request):
     s = server(2, "--workers", "4")
     with PeakSampler(dsn, s.name) as sampler:
@@ -173,7 +173,11 @@ def test_sigkill_worker_mid_request_returns_its_permits(dsn, server, request):
         found = wait_until(lambda: _worker_in_query(s.name, dsn, "7.777")[0], timeout=30)
         assert found, "the long request never reached the database"
         victim = found
-        held_before = next(w.held for w in Ledger.attach(s.name).snapshot().slots if w.pid == victim)
+        ledger = Ledger.attach(s.name)
+        try:
+            held_before = next(w.held for w in ledger.snapshot().slots if w.pid == victim)
+        finally:
+            ledger.close()
         assert held_before >= 1
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)

@@ -36,6 +36,7 @@ def test_acquire_release_accounting(ledger):
     assert ledger.header.grants == 3 and ledger.header.releases == 3  # folded into the header
 
 
+@pytest.mark.timing
 def test_timeout_names_budget_holders_and_waiters(ledger, unique_name):
     gate = PermitGate(ledger)
     gate.register()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -47,6 +48,7 @@ def stop(*procs: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_idle_connections_move_to_waiting_workers(dsn, unique_name):
     """Worker A ends a burst holding every permit idle; B, C, D each get one within 1 s."""
     budget, rounds = 4, 10
@@ -62,7 +64,7 @@ def test_idle_connections_move_to_waiting_workers(dsn, unique_name):
         stop(a, *needers)
         assert wait_until(lambda: sem_free(unique_name) == budget)
     handoffs.sort()
-    p50, p99 = statistics.median(handoffs), handoffs[int(len(handoffs) * 0.99) - 1]
+    p50, p99 = statistics.median(handoffs), handoffs[math.ceil(len(handoffs) * 0.99) - 1]
     print(f"\nhandoff latency over {len(handoffs)} handoffs: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, "
           f"max {handoffs[-1] * 1000:.1f} ms; server peak {sampler.peak}/{budget}")
     assert max(handoffs) < 1.0
@@ -111,6 +113,7 @@ def test_contention_is_fair(dsn, unique_name):
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_gevent_waits_yield_to_the_hub(dsn, unique_name):
     """50 greenlets, per-process max 3, while another process holds the budget: the hub keeps ticking."""
     budget = 3

@@ -138,6 +138,7 @@ class NotifySocket:
         return [f for _, fields in self.messages for f in fields]
 
 
+@pytest.mark.timing
 def test_notify_protocol_ready_watchdog_reload_stopping(tmp_path, unique_name):
     notify = NotifySocket(str(tmp_path / "notify"))
     env_file = tmp_path / f"{unique_name}.env"
@@ -146,7 +147,7 @@ def test_notify_protocol_ready_watchdog_reload_stopping(tmp_path, unique_name):
     command = expand(service("ExecStart")[0], unique_name, env)
     process = subprocess.Popen(
         command,
-        env={**os.environ, **env, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000"},
+        env={**os.environ, **env, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000"},
         stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
@@ -154,11 +155,11 @@ def test_notify_protocol_ready_watchdog_reload_stopping(tmp_path, unique_name):
         ready = notify.wait_for("READY=1")
         assert Ledger.exists(unique_name), "READY=1 before the ledger exists"
         assert any(f.startswith("STATUS=") and "budget 3" in f for f in notify.fields())
-        notify.collect(1.0)
+        notify.collect(2.6)
         pings = [at for at, fields in notify.messages if "WATCHDOG=1" in fields]
-        # WATCHDOG_USEC 0.2 s: a ping every 0.1 s; generous bounds
-        assert len(pings) >= 4, notify.messages
-        assert max(b - a for a, b in zip([ready, *pings], pings)) < 0.2 * 0.9 + 0.1
+        # WATCHDOG_USEC 1 s: a ping every 0.5 s; systemd would kill the unit after a 1 s gap
+        assert len(pings) >= 3, notify.messages
+        assert max(b - a for a, b in zip([ready, *pings], pings)) < 1.0
 
         # ExecReload with an edited EnvironmentFile changes the budget online
         env_file.write_text("SHAREDPOOL_POOL_SIZE=5\n")

@@ -16,7 +16,8 @@ import sys
 
 import pytest
 
-from apps.loadtools import Load, free_port, pool_status, stop_server, wait_http
+from apps.loadtools import Load, pool_status, stop_server, wait_http
+from devtools.pgcluster import free_port
 from helpers_procs import PeakSampler, process_gone, wait_until
 from sharedpool.ledger import Ledger
 

@@ -34,16 +34,11 @@ sys.path[:0] = [HERE, ROOT]
 import psycopg2  # noqa: E402
 
 from loadgen import Load  # noqa: E402
+from devtools.pgcluster import free_port  # noqa: E402
 
 
 def say(text: str = "") -> None:
     print(text, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PeakSampler(threading.Thread):

@@ -11,18 +11,11 @@ import collections
 import http.client
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
 
 from sharedpool.ledger import Ledger
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(port: int, path: str, timeout: float = 60.0) -> tuple[int, str]:
