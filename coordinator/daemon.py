@@ -14,13 +14,16 @@ import logging
 import os
 import selectors
 import signal
+import socket
+import struct
 import time
 from dataclasses import dataclass, field
 
 import posix_ipc
 
 from sharedpool import channel
-from sharedpool.errors import LedgerError, SharedPoolError
+from sharedpool.config import SETTINGS
+from sharedpool.errors import ConfigError, LedgerError, SharedPoolError
 from sharedpool.ledger import (
     DEFAULT_SLOTS,
     FLAG_BACKENDS_LOCAL,
@@ -48,6 +51,7 @@ TICK = 0.1  # seconds between passes when no event arrives
 AUDIT_EVERY = 0.5
 RECLAIM_POLL = 0.005  # seconds between /proc checks while a dead worker's backends exit
 BACKEND_WARN_AFTER = 5.0  # seconds a dead worker's backend may run before a warning
+UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid of a control message's sender
 LOCK_PATIENCE = 10.0  # seconds a coordinator that lost the lock waits for the winner to be ready
 
 
@@ -109,6 +113,8 @@ class Coordinator:
         self._take_lock()
         self.ledger = self._create_or_adopt()
         self._control = channel.bind(channel.coordinator_address(self.name))
+        # the kernel attaches each sender's credentials: only root and our own user may steer us
+        self._control.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._control.setblocking(False)
         self.selector.register(self._control, selectors.EVENT_READ, ("control", None))
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -303,16 +309,29 @@ class Coordinator:
                 self.running = False
 
     def handle_control(self) -> None:
+        """Serve datagrams from root or our own user: "exit PID", "budget N"."""
         while True:
             try:
-                message, _ = self._control.recvfrom(256)
+                message, ancdata, _, _ = self._control.recvmsg(256, socket.CMSG_SPACE(UCRED.size))
             except BlockingIOError:
                 return
+            uid = None
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= UCRED.size:
+                    uid = UCRED.unpack_from(data)[1]
+            if uid not in (0, os.geteuid()):
+                log.warning("pool %r: ignored control message %r from uid %s", self.name, message[:64], uid)
+                continue
             verb, _, argument = message.decode(errors="replace").partition(" ")
             if verb == "exit" and argument.isdigit():
                 self.handle_exit_notice(int(argument))
-            elif verb == "budget" and argument.isdigit():
-                self.set_budget(int(argument))
+            elif verb == "budget":
+                try:
+                    budget = SETTINGS["POOL_SIZE"][0]("POOL_SIZE", argument)
+                except ConfigError as exc:
+                    log.warning("pool %r: ignored budget request %r: %s", self.name, argument[:32], exc)
+                    continue
+                self.set_budget(budget)
             else:
                 log.warning("pool %r: ignored control message %r", self.name, message[:64])
 
