@@ -476,10 +476,15 @@ class Coordinator:
         held, inflight, waiting, key = permit_counts(before)
         physical = ledger.header.physical
         missing = physical - value - held - inflight
+        loose = physical - value - held - (inflight - waiting)  # blocked waiters counted as empty-handed
+        if loose <= 0 and inflight == waiting:
+            # every operation in flight is a blocked waiter, which holds at most what it has not
+            # recorded yet: loose >= leaked, so nothing leaked and no suspect is left to settle
+            self.suspect_leaks = 0
         if missing <= 0 and waiting and self.suspect_leaks:
             state = (key, value, physical)
             if self._audit_state == state and not self._waiters_stopped():
-                missing = min(physical - value - held - (inflight - waiting), self.suspect_leaks)
+                missing = min(loose, self.suspect_leaks)
             self._audit_state = state
         else:
             self._audit_state = None

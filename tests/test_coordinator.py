@@ -244,6 +244,35 @@ def test_audit_repairs_leak_while_another_worker_waits(unique_name):
         assert sem_free(unique_name) == 2
 
 
+def test_settled_suspects_do_not_loosen_later_audits(unique_name):
+    """A dead waiter makes its in-flight operation a suspect leak; once the count shows nothing
+    leaked, the suspect is settled, so a later waiter holding an unrecorded permit is not posted twice."""
+    with coordinator(unique_name, 2) as coord:
+        holder, waiter = GateWorker(unique_name), GateWorker(unique_name, timeout=10.0)
+        ledger = Ledger.attach(unique_name)
+        try:
+            holder.do("acquire 2")
+            waiter.proc.stdin.write("acquire 1\n")
+            waiter.proc.stdin.flush()
+            assert wait_until(lambda: ledger.slots[waiter.slot_index].waiting == 1, 2.0)
+            waiter.kill()  # died waiting: its in-flight operation becomes a suspect leak, but nothing leaked
+            assert wait_until(lambda: f"reclaimed 0 permit(s) of worker {waiter.pid}" in coord.log(), 2.0)
+            time.sleep(0.3)  # the audit that follows a reclaim
+            holder.do("release 1")
+            # a live waiter just granted, not yet recording (as if descheduled): it holds the last permit
+            granted = GateWorker(unique_name)
+            granted.do("raw 1")
+            ledger.slots[granted.slot_index].waiting = 1
+            time.sleep(3 * 0.5 + 0.2)  # several stable audits
+            assert ledger.sem.value == 0, "the audit posted a permit a live waiter holds"
+            assert "audit returned" not in coord.log()
+            ledger.slots[granted.slot_index].waiting = 0
+            granted.kill()
+        finally:
+            ledger.close()
+            holder.exit()
+
+
 def test_sigterm_leaves_objects_by_default(unique_name):
     coord = CoordinatorProc(unique_name, 2, remove_on_exit=False)
     try:
