@@ -533,19 +533,32 @@ class Coordinator:
             return
         self.selector.register(pidfd, selectors.EVENT_READ, ("parent", None))
 
+    def _live_workers(self) -> list[int]:
+        slots = self.ledger.slots
+        return [
+            s.pid for s in slots[: self.ledger.header.slot_hwm] if s.state == SLOT_ACTIVE and is_alive(s.pid, s.start_time)
+        ]
+
     def shutdown(self) -> int:
         self.notifier.send("STOPPING=1")
         ledger = self.ledger
         self.finish_reclaims()
         ledger.header.coordinator_pid = 0
-        live = [s.pid for s in ledger.slots[: ledger.header.slot_hwm] if s.state == SLOT_ACTIVE]
         if self.options.remove_on_exit:
-            removed = unlink(self.name)
-            log.info(
-                "pool %r: removed %s%s", self.name, ", ".join(removed) or "nothing",
-                f" ({len(live)} workers still registered)" if live else "",
-            )
+            # under the registry lock, so no worker claims a slot between our check and the unlink;
+            # one that attached before and claims after sees ledger.is_current() turn false
+            with ledger.registry_lock():
+                live = self._live_workers()
+                removed = [] if live else unlink(self.name)
+            if live:
+                log.warning(
+                    "pool %r: not removing the ledger: %d worker(s) still registered (%s)",
+                    self.name, len(live), ", ".join(map(str, live[:8])),
+                )
+            else:
+                log.info("pool %r: removed %s", self.name, ", ".join(removed) or "nothing")
         else:
+            live = self._live_workers()
             log.info("pool %r: coordinator stopped; ledger left for %d running worker(s)", self.name, len(live))
         self.watcher.close()
         self.selector.close()

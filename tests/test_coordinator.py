@@ -300,6 +300,22 @@ def test_sigterm_with_remove_on_exit_removes_objects(unique_name):
         assert "removed /dev/shm/sharedpool." in coord.log()
 
 
+def test_remove_on_exit_keeps_a_ledger_with_registered_workers(unique_name):
+    """Removing the names under a registered worker would let the next coordinator create a second budget."""
+    with coordinator(unique_name, 2) as coord:
+        worker = GateWorker(unique_name)
+        try:
+            worker.do("acquire 1")
+            assert coord.stop(signal.SIGTERM) == 0
+            assert f"not removing the ledger: 1 worker(s) still registered ({worker.pid})" in coord.log()
+            assert Ledger.exists(unique_name) and os.path.exists(f"/dev/shm/sem.{ipc_names(unique_name)[1][1:]}")
+            worker.do("acquire 1")  # still the one ledger and semaphore
+            assert sem_free(unique_name) == 0
+        finally:
+            worker.exit()
+        assert sem_free(unique_name) == 2
+
+
 def test_missing_semaphore_is_recreated_from_the_ledger(unique_name):
     coord = CoordinatorProc(unique_name, 4, remove_on_exit=False)
     worker = GateWorker(unique_name)
