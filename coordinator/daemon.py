@@ -36,7 +36,6 @@ from sharedpool.ledger import (
     is_alive,
     lock_path,
     permit_counts,
-    permits_recorded,
     process_start_time,
     unlink,
     validate_segment,
@@ -228,12 +227,20 @@ class Coordinator:
             header = Header.from_buffer_copy(os.pread(shm.fd, ctypes.sizeof(Header), 0))
             self._refuse_live_coordinator(header)
             raw = os.pread(shm.fd, header.slot_hwm * ctypes.sizeof(Slot), ctypes.sizeof(Header))
-            free = max(0, header.physical - permits_recorded(raw))
+            held, inflight, waiting, _ = permit_counts(raw)
+            # every operation in flight may hold a permit it has not recorded yet: count it as taken
+            # (never over-grant); a blocked waiter almost surely holds nothing, so its permit becomes
+            # a suspect leak the audit returns once the waiters are seen still waiting, empty-handed
+            free = max(0, header.physical - held - inflight)
+            self.suspect_leaks += waiting
             mode = 0o660 if opts.group else 0o600
             posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=mode, initial_value=free).close()
         finally:
             os.close(shm.fd)
-        log.warning("pool %r: recreated the missing semaphore with %d free permit(s)", opts.name, free)
+        log.warning(
+            "pool %r: recreated the missing semaphore with %d free permit(s)%s", opts.name, free,
+            f" ({waiting} waiting thread(s) counted as holders until the audit sees them empty-handed)" if waiting else "",
+        )
 
     # -- loop --------------------------------------------------------------------------
 

@@ -455,16 +455,6 @@ def unlink(name: str) -> list[str]:
     return removed
 
 
-def permits_recorded(raw_slots: bytes) -> int:
-    """Permits the slots account for: held, plus one per operation in flight."""
-    total = 0
-    for offset in range(0, len(raw_slots), ctypes.sizeof(Slot)):
-        slot = Slot.from_buffer_copy(raw_slots, offset)
-        if slot.state == SLOT_ACTIVE:
-            total += slot.held + slot.inflight
-    return total
-
-
 def permit_counts(raw_slots: bytes) -> tuple[int, int, int, tuple]:
     """Sum held, inflight and blocked waiters of the active slots, and key their accounting state.
 

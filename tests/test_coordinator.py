@@ -346,6 +346,30 @@ def test_missing_semaphore_is_recreated_from_the_ledger(unique_name):
         unlink(unique_name)
 
 
+def test_recreated_semaphore_gives_back_the_permits_of_waiters(unique_name):
+    """Rebuilt while a thread waits: counted as holding at first, its permit comes back once it keeps waiting."""
+    coord = CoordinatorProc(unique_name, 3, remove_on_exit=False)
+    ledger = Ledger.attach(unique_name)
+    try:
+        # this (live) process poses as a worker whose thread is blocked waiting, holding nothing
+        index = ledger.claim_slot(os.getpid(), process_start_time(os.getpid()))
+        ledger.slots[index].inflight = ledger.slots[index].waiting = 1
+        coord.stop(signal.SIGKILL)
+        posix_ipc.unlink_semaphore(ipc_names(unique_name)[1])
+        with coordinator(unique_name, 3) as second:
+            assert "recreated the missing semaphore with 2 free permit(s) (1 waiting" in second.log()
+            assert wait_until(lambda: sem_free(unique_name) == 3, 3.0), "the waiter's permit stays missing"
+            assert "audit returned 1 leaked permit" in second.log()
+            ledger.slots[index].inflight = ledger.slots[index].waiting = 0
+            ledger.free_slot(index)
+            time.sleep(0.7)
+            assert sem_free(unique_name) == 3  # and nothing more
+    finally:
+        ledger.close()
+        coord.close()
+        unlink(unique_name)
+
+
 def test_exit_when_idle(unique_name):
     with coordinator(unique_name, 2, "--exit-when-idle", "1.5") as coord:
         worker = GateWorker(unique_name)
