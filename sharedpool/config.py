@@ -14,6 +14,12 @@ from typing import Any
 from .errors import ConfigError
 
 ENV_PREFIX = "SHAREDPOOL_"
+# SHAREDPOOL_* variables that are not settings; any other unknown one is an error (a misspelled override).
+NOT_SETTINGS = frozenset({
+    "SHAREDPOOL_COORDINATOR_ARGS",  # extra coordinator flags in the systemd unit (systemd/)
+    "SHAREDPOOL_KEEP_LEAKS",  # tests/conftest.py: keep leaked /dev/shm entries for inspection
+    "SHAREDPOOL_TORTURE_KILLS",  # tests/test_torture.py: number of kills
+})
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 MAX_PER_PROCESS_LIMIT = 64  # backend pids tracked per ledger slot
 
@@ -82,7 +88,15 @@ class PoolConfig:
 
 
 def env_overrides(env: Mapping[str, str]) -> dict[str, str]:
-    """Return the ``SHAREDPOOL_*`` variables that name a known setting."""
+    """Return the ``SHAREDPOOL_*`` overrides by setting; refuse a variable that names no setting."""
+    unknown = sorted(
+        var for var in env if var.startswith(ENV_PREFIX) and var[len(ENV_PREFIX):] not in SETTINGS and var not in NOT_SETTINGS
+    )
+    if unknown:
+        raise ConfigError(
+            f"unknown environment variable(s) {', '.join(unknown)}; "
+            f"known: {', '.join(ENV_PREFIX + key for key in SETTINGS)}"
+        )
     return {
         key: env[ENV_PREFIX + key] for key in SETTINGS if env.get(ENV_PREFIX + key, "") != ""
     }

@@ -41,9 +41,15 @@ def test_environment_strings_are_coerced_and_win():
         ({"POOL_SIZE": 4, "RECLAIM_GRACE": 0.05}, {}, "RECLAIM_GRACE (0.05) must exceed CHECK_INTERVAL"),
         ({"POOL_SIZE": 4, "AUTOSTART": "maybe"}, {}, "AUTOSTART must be a boolean"),
         ({"POOL_SIZE": 4, "TIMEOUT": float("nan")}, {}, "TIMEOUT must be a finite number"),
+        ({"POOL_SIZE": 4}, {"SHAREDPOOL_TIMEOUTT": "1"}, "unknown environment variable(s) SHAREDPOOL_TIMEOUTT"),
     ],
 )
 def test_bad_settings_name_the_key(values, env, message):
     with pytest.raises(ConfigError) as info:
         PoolConfig.from_mapping(values, env=env)
     assert message in str(info.value)
+
+
+def test_non_setting_variables_of_the_project_are_allowed():
+    env = {"SHAREDPOOL_COORDINATOR_ARGS": "--slots 64", "SHAREDPOOL_KEEP_LEAKS": "1", "SHAREDPOOL_TORTURE_KILLS": "5"}
+    assert PoolConfig.from_mapping({"POOL_SIZE": 2}, env=env).pool_size == 2
