@@ -1,10 +1,13 @@
 """Lay out, create, attach and read the shared-memory ledger of one pool.
 
 Imported by workers and by the coordinator. The ledger is a fixed
-little-endian layout: a header, then one slot per worker process. A slot is
-written only by its owner process, or by the coordinator once the owner is
-dead; header fields are written by the coordinator, or under the registry lock
-(an ``fcntl`` lock on the segment, released by the kernel if its holder dies).
+little-endian layout: a header, then one slot per worker process. A slot's
+accounting (held, inflight, waiting, counters, backends) is written only by
+its owner process, or by the coordinator once the owner is dead; the one
+exception is ``shed_requests``, a hint counter that waiting workers of other
+processes bump (pressure.py) and nobody relies on for accounting. Header
+fields are written by the coordinator, or under the registry lock (an
+``fcntl`` lock on the segment, released by the kernel if its holder dies).
 """
 from __future__ import annotations
 
@@ -220,6 +223,7 @@ class Ledger:
         """Create the semaphore and the segment exclusively (coordinator only)."""
         shm_name, sem_name = ipc_names(name)
         mode = 0o660 if group else 0o600
+        gid = group_id(group) if group else -1  # a bad GROUP fails before anything exists
         sem = posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=mode, initial_value=budget)
         try:
             shm = posix_ipc.SharedMemory(shm_name, posix_ipc.O_CREX, mode=mode, size=segment_size(nslots))
@@ -227,8 +231,7 @@ class Ledger:
             sem.unlink()
             sem.close()
             raise
-        if group:
-            gid = group_id(group)
+        if gid != -1:
             os.fchown(shm.fd, -1, gid)
             os.chown(f"/dev/shm/sem.{sem_name[1:]}", -1, gid)
         ledger = cls.__new__(cls)

@@ -231,3 +231,11 @@ def test_unlink_reports_what_it_removed(unique_name):
     removed = unlink(unique_name)
     assert removed == [f"/dev/shm/sharedpool.{unique_name}", f"/dev/shm/sem.sharedpool.{unique_name}"]
     assert unlink(unique_name) == []
+
+
+def test_bad_group_fails_before_creating_anything(unique_name, shm_prefix):
+    from sharedpool.errors import LedgerError
+
+    with pytest.raises(LedgerError, match="GROUP 'no-such-group-xyz' is not a group on this host"):
+        Ledger.create(unique_name, 2, nslots=4, group="no-such-group-xyz")
+    assert not [e for e in os.listdir("/dev/shm") if unique_name in e]
