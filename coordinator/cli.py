@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--remove-on-exit", action="store_true", help="remove the ledger and semaphore when stopping (default: leave them for running workers)")
     run.add_argument("--exit-when-idle", type=_seconds, metavar="SECONDS", help="exit once no worker has been registered for SECONDS")
     run.add_argument("--exit-with", type=_positive_int, metavar="PID", help="exit (after its workers are gone) when process PID exits")
-    run.add_argument("-v", "--verbose", action="store_true", help="log every registration and reclaim")
+    run.add_argument("-v", "--verbose", action="store_true", help="also log every worker registration (DEBUG)")
 
     status = sub.add_parser("status", help="show budget, free permits, workers, counters, heartbeat")
     status.add_argument("--name", type=_pool_name, default="default", help="pool name (default: %(default)s)")

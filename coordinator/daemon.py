@@ -363,6 +363,8 @@ class Coordinator:
                 continue
             if not self.watcher.watch(index, pid, start):
                 self.handle_death(index)
+            else:
+                log.debug("pool %r: worker %d registered in slot %d", self.name, pid, index)
 
     def handle_death(self, index: int) -> None:
         self.watcher.forget(index)

@@ -69,12 +69,13 @@ def test_reused_pid_is_treated_as_dead(unique_name):
 
 
 def test_live_worker_is_not_reclaimed(unique_name):
-    with coordinator(unique_name, 2):
+    with coordinator(unique_name, 2) as coord:
         worker = GateWorker(unique_name)
         try:
             worker.do("acquire 2")
             time.sleep(1.2)  # two audits and many ticks
             assert sem_free(unique_name) == 0
+            assert f"worker {worker.pid} registered in slot {worker.slot_index}" in coord.log()  # -v
         finally:
             worker.exit()
         assert sem_free(unique_name) == 2
