@@ -1,7 +1,7 @@
 """Expose a pool's ledger to Prometheus (the optional ``metrics`` extra).
 
-Runs in its own process (``sharedpool metrics``) or in the coordinator; every
-scrape reads one consistent ledger snapshot, nothing is kept in between.
+Runs in its own process (``sharedpool metrics``), never in the coordinator;
+every scrape reads one consistent ledger snapshot, nothing is kept in between.
 """
 from __future__ import annotations
 

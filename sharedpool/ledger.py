@@ -30,7 +30,7 @@ from .errors import LedgerError, SlotsExhausted
 MAGIC = int.from_bytes(b"SHPOOL01", "little")
 LAYOUT_VERSION = 1
 DEFAULT_SLOTS = 256
-MAX_BACKENDS = 64
+MAX_BACKENDS = 64  # backend pids one slot tracks: also the ceiling of MAX_PER_PROCESS (config.py)
 
 SLOT_FREE = 0
 SLOT_ACTIVE = 1
@@ -234,26 +234,20 @@ class Ledger:
         if gid != -1:
             os.fchown(shm.fd, -1, gid)
             os.chown(f"/dev/shm/sem.{sem_name[1:]}", -1, gid)
-        ledger = cls.__new__(cls)
-        ledger.name, ledger.sem, ledger._fd = name, sem, shm.fd
-        ledger._inode = os.fstat(shm.fd).st_ino
-        ledger._map = mmap.mmap(shm.fd, shm.size)
-        ledger._thread_lock = threading.Lock()
-        ledger._old_sems = []
-        ledger._sem_inode = _sem_inode(name)
-        header = Header.from_buffer(ledger._map)
-        header.version = LAYOUT_VERSION
-        header.header_size = ctypes.sizeof(Header)
-        header.slot_size = ctypes.sizeof(Slot)
-        header.nslots = nslots
-        header.budget = budget
-        header.physical = budget
-        header.epoch = 1
-        header.created = time.time()
-        header.magic = MAGIC  # last: readers trust nothing before the magic is there
-        ledger.header = header
-        ledger.slots = (Slot * nslots).from_buffer(ledger._map, ctypes.sizeof(Header))
-        return ledger
+        header = Header(
+            version=LAYOUT_VERSION,
+            header_size=ctypes.sizeof(Header),
+            slot_size=ctypes.sizeof(Slot),
+            nslots=nslots,
+            budget=budget,
+            physical=budget,
+            epoch=1,
+            created=time.time(),
+        )
+        os.pwrite(shm.fd, bytes(header), 0)
+        # the magic last: readers trust nothing before it is there
+        os.pwrite(shm.fd, MAGIC.to_bytes(ctypes.sizeof(_u64), "little"), Header.magic.offset)
+        return cls(name, shm, sem)
 
     @classmethod
     def attach(cls, name: str, *, group: str | None = None) -> "Ledger":
@@ -354,9 +348,6 @@ class Ledger:
 
     # -- reading -------------------------------------------------------------------
 
-    def semaphore_value(self) -> int:
-        return self.sem.value
-
     def read_slot(self, index: int) -> Slot:
         """Copy one slot, repeating until two reads agree."""
         size = ctypes.sizeof(Slot)
@@ -418,7 +409,7 @@ class Ledger:
             reclaimed_permits=header.reclaimed_permits,
             reclaimed_workers=header.reclaimed_workers,
             audit_fixes=header.audit_fixes,
-            free=self.semaphore_value(),
+            free=self.sem.value,
         )
 
     # -- teardown ------------------------------------------------------------------
