@@ -7,9 +7,11 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from sharedpool import channel
-from sharedpool.config import PoolConfig
+from sharedpool.config import SETTINGS, PoolConfig, integer, seconds
 from sharedpool.errors import SharedPoolError
 from sharedpool.ledger import DEFAULT_SLOTS, Ledger, unlink
 
@@ -24,21 +26,20 @@ def _pool_name(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc).replace("NAME", "--name")) from None
 
 
-def _positive_int(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return int(value)
+def _setting(convert: Callable[[str, Any], Any], option: str) -> Callable[[str], Any]:
+    """Turn a config validator into an argparse type for ``option``."""
+
+    def parse(value: str) -> Any:
+        try:
+            return convert(option, value)
+        except SharedPoolError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
-def _seconds(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1.0
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {value!r}")
-    return number
-
+_SECONDS = seconds(0.0, optional=False)
+_RECLAIM_GRACE = PoolConfig.__dataclass_fields__["reclaim_grace"].default
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -55,31 +56,31 @@ def build_parser() -> argparse.ArgumentParser:
         "workers, audit drift, and keep a heartbeat. SIGTERM/SIGINT stop it; SIGHUP reconciles.",
     )
     run.add_argument("--name", type=_pool_name, default="default", help="pool name (default: %(default)s)")
-    run.add_argument("--budget", type=_positive_int, required=True, help="server connections allowed for all workers of the pool on this host")
-    run.add_argument("--slots", type=_positive_int, default=DEFAULT_SLOTS, help="worker processes the ledger can hold (default: %(default)s)")
+    run.add_argument("--budget", type=_setting(SETTINGS["POOL_SIZE"][0], "--budget"), required=True, help="server connections allowed for all workers of the pool on this host")
+    run.add_argument("--slots", type=_setting(integer(1, 65536), "--slots"), default=DEFAULT_SLOTS, help="worker processes the ledger can hold (default: %(default)s)")
     run.add_argument("--group", help="OS group sharing the pool: objects get mode 0660 instead of 0600")
-    run.add_argument("--reclaim-grace", type=_seconds, default=0.5, help="seconds to wait before returning a dead worker's permits when its backends cannot be seen on this host (default: %(default)s)")
+    run.add_argument("--reclaim-grace", type=_setting(SETTINGS["RECLAIM_GRACE"][0], "--reclaim-grace"), default=_RECLAIM_GRACE, help="seconds to wait before returning a dead worker's permits when its backends cannot be seen on this host (default: %(default)s)")
     run.add_argument("--remove-on-exit", action="store_true", help="remove the ledger and semaphore when stopping (default: leave them for running workers)")
-    run.add_argument("--exit-when-idle", type=_seconds, metavar="SECONDS", help="exit once no worker has been registered for SECONDS")
-    run.add_argument("--exit-with", type=_positive_int, metavar="PID", help="exit (after its workers are gone) when process PID exits")
+    run.add_argument("--exit-when-idle", type=_setting(_SECONDS, "--exit-when-idle"), metavar="SECONDS", help="exit once no worker has been registered for SECONDS")
+    run.add_argument("--exit-with", type=_setting(integer(1, 2**22), "--exit-with"), metavar="PID", help="exit (after its workers are gone) when process PID exits")
     run.add_argument("-v", "--verbose", action="store_true", help="also log every worker registration (DEBUG)")
 
     status = sub.add_parser("status", help="show budget, free permits, workers, counters, heartbeat")
     status.add_argument("--name", type=_pool_name, default="default", help="pool name (default: %(default)s)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    status.add_argument("--watch", type=_seconds, metavar="SECONDS", help="repeat every SECONDS until interrupted")
-    status.add_argument("--rate-window", type=_seconds, default=1.0, metavar="SECONDS",
+    status.add_argument("--watch", type=_setting(_SECONDS, "--watch"), metavar="SECONDS", help="repeat every SECONDS until interrupted")
+    status.add_argument("--rate-window", type=_setting(_SECONDS, "--rate-window"), default=1.0, metavar="SECONDS",
                         help="measure rates (connections opened per second, sheds, waits) over SECONDS before the "
                         "first report; 0: no rates (default: %(default)s)")
 
     metrics = sub.add_parser("metrics", help="serve Prometheus metrics of one or more pools over HTTP")
     metrics.add_argument("--name", type=_pool_name, action="append", required=True, help="pool name (repeat for several)")
-    metrics.add_argument("--port", type=_positive_int, default=9187, help="TCP port (default: %(default)s)")
+    metrics.add_argument("--port", type=_setting(integer(1, 65535), "--port"), default=9187, help="TCP port (default: %(default)s)")
     metrics.add_argument("--addr", default="127.0.0.1", help="address to listen on (default: %(default)s)")
 
     reload = sub.add_parser("reload", help="change the budget of a running pool")
     reload.add_argument("--name", type=_pool_name, default="default", help="pool name (default: %(default)s)")
-    reload.add_argument("--budget", type=_positive_int, required=True, help="the new budget")
+    reload.add_argument("--budget", type=_setting(SETTINGS["POOL_SIZE"][0], "--budget"), required=True, help="the new budget")
 
     cleanup = sub.add_parser("cleanup", help="remove a pool's shared memory and semaphore")
     cleanup.add_argument("--name", type=_pool_name, required=True, help="pool name")

@@ -17,12 +17,12 @@ import signal
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import posix_ipc
 
 from sharedpool import channel
-from sharedpool.config import SETTINGS
+from sharedpool.config import SETTINGS, PoolConfig
 from sharedpool.errors import ConfigError, LedgerError, SharedPoolError
 from sharedpool.ledger import (
     DEFAULT_SLOTS,
@@ -76,11 +76,10 @@ class Options:
     budget: int
     nslots: int = DEFAULT_SLOTS
     group: str | None = None
-    reclaim_grace: float = 0.5
+    reclaim_grace: float = PoolConfig.__dataclass_fields__["reclaim_grace"].default
     remove_on_exit: bool = False
     exit_when_idle: float | None = None
     exit_with_pid: int | None = None
-    stats: dict = field(default_factory=dict)
 
 
 class Coordinator:

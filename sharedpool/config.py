@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import ConfigError
+from .ledger import MAX_BACKENDS
 
 ENV_PREFIX = "SHAREDPOOL_"
 # SHAREDPOOL_* variables that are not settings; any other unknown one is an error (a misspelled override).
@@ -21,7 +22,6 @@ NOT_SETTINGS = frozenset({
     "SHAREDPOOL_TORTURE_KILLS",  # tests/test_torture.py: number of kills
 })
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
-MAX_PER_PROCESS_LIMIT = 64  # backend pids tracked per ledger slot
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,7 +46,7 @@ class PoolConfig:
             field = key.lower()
             object.__setattr__(self, field, convert(key, getattr(self, field)))
         if self.max_per_process is None:
-            object.__setattr__(self, "max_per_process", min(self.pool_size, MAX_PER_PROCESS_LIMIT))
+            object.__setattr__(self, "max_per_process", min(self.pool_size, MAX_BACKENDS))
         if self.max_per_process > self.pool_size:
             raise ConfigError(
                 f"MAX_PER_PROCESS ({self.max_per_process}) exceeds POOL_SIZE ({self.pool_size})"
@@ -106,7 +106,7 @@ def _is_none(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))
 
 
-def _int(minimum: int, maximum: int, optional: bool = False) -> Callable[[str, Any], int | None]:
+def integer(minimum: int, maximum: int, optional: bool = False) -> Callable[[str, Any], int | None]:
     def convert(key: str, value: Any) -> int | None:
         if optional and _is_none(value):
             return None
@@ -125,7 +125,7 @@ def _int(minimum: int, maximum: int, optional: bool = False) -> Callable[[str, A
     return convert
 
 
-def _seconds(minimum: float, optional: bool) -> Callable[[str, Any], float | None]:
+def seconds(minimum: float, optional: bool) -> Callable[[str, Any], float | None]:
     def convert(key: str, value: Any) -> float | None:
         if optional and (_is_none(value) or value is False):
             return None
@@ -168,15 +168,15 @@ def _group(key: str, value: Any) -> str | None:
 
 SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str]] = {
     "NAME": (_name, "pool name"),
-    "POOL_SIZE": (_int(1, 100_000), "budget per host"),
-    "MAX_PER_PROCESS": (_int(1, MAX_PER_PROCESS_LIMIT, optional=True), "per-process maximum"),
-    "MIN_IDLE": (_int(0, MAX_PER_PROCESS_LIMIT), "idle connections kept per process"),
-    "TIMEOUT": (_seconds(0.0, optional=False), "checkout wait limit"),
-    "RECYCLE": (_seconds(0.0, optional=True), "connection lifetime"),
-    "MAX_IDLE": (_seconds(0.0, optional=True), "idle expiry"),
-    "PRE_PING": (_seconds(0.0, optional=True), "idle seconds before a ping"),
-    "CHECK_INTERVAL": (_seconds(0.001, optional=True), "server-side dead client check"),
-    "RECLAIM_GRACE": (_seconds(0.0, optional=False), "dead worker grace"),
+    "POOL_SIZE": (integer(1, 100_000), "budget per host"),
+    "MAX_PER_PROCESS": (integer(1, MAX_BACKENDS, optional=True), "per-process maximum"),
+    "MIN_IDLE": (integer(0, MAX_BACKENDS), "idle connections kept per process"),
+    "TIMEOUT": (seconds(0.0, optional=False), "checkout wait limit"),
+    "RECYCLE": (seconds(0.0, optional=True), "connection lifetime"),
+    "MAX_IDLE": (seconds(0.0, optional=True), "idle expiry"),
+    "PRE_PING": (seconds(0.0, optional=True), "idle seconds before a ping"),
+    "CHECK_INTERVAL": (seconds(0.001, optional=True), "server-side dead client check"),
+    "RECLAIM_GRACE": (seconds(0.0, optional=False), "dead worker grace"),
     "AUTOSTART": (_bool, "start a coordinator on demand"),
     "GROUP": (_group, "shared OS group"),
 }
