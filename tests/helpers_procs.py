@@ -395,7 +395,7 @@ def read_line(proc: subprocess.Popen, timeout: float = 30.0) -> str:
     reader.join(timeout)
     if not result or not result[0]:
         proc.kill()
-        raise AssertionError(f"worker {proc.pid} said nothing: {proc.stderr.read()[-3000:]}")
+        raise AssertionError(f"process {proc.pid} said nothing: {proc.stderr.read()[-3000:] if proc.stderr else ''}")
     return result[0].strip()
 
 

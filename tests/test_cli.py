@@ -13,7 +13,7 @@ import pytest
 
 from sharedpool.ledger import Ledger, ipc_names, lock_path, unlink
 
-from helpers_procs import CoordinatorProc, GateWorker, coordinator, run_cli, sem_free, wait_until
+from helpers_procs import CoordinatorProc, GateWorker, coordinator, read_line, run_cli, sem_free, wait_until
 
 
 def test_status_json_fields(unique_name):
@@ -38,14 +38,18 @@ def test_status_json_fields(unique_name):
             assert set(w) >= {"idle", "in_use", "wait_s", "opened", "sheds", "timeouts"}
             assert status["rates"]["window_s"] >= 1.0 and status["rates"]["grants_per_s"] == 0
             assert w["opened_per_s"] == 0
-            # a grant inside the rate window shows up as a rate
+            # a grant between two --watch reports shows up as a rate in the second
             watcher = subprocess.Popen(
                 [sys.executable, "-m", "sharedpool.coordinator", "status", "--name", unique_name, "--json",
-                 "--rate-window", "1.5"], stdout=subprocess.PIPE, text=True)
-            time.sleep(0.3)
-            worker.do("acquire 1")
-            rated = json.loads(watcher.communicate(timeout=10)[0])
-            assert 0 < rated["rates"]["grants_per_s"] <= 1 / 1.5 + 0.01
+                 "--rate-window", "0", "--watch", "0.5"], stdout=subprocess.PIPE, text=True)
+            try:
+                assert json.loads(read_line(watcher))["rates"] is None  # the first report: no window yet
+                worker.do("acquire 1")
+                rates = [json.loads(read_line(watcher))["rates"] for _ in range(3)]
+            finally:
+                watcher.kill()
+                watcher.communicate()
+            assert any(0 < r["grants_per_s"] <= 1 / 0.5 + 0.01 for r in rates), rates
             table = run_cli("status", "--name", unique_name, "--rate-window", "0")
             assert f"pool '{unique_name}': budget 3, free 0, held 3" in table.stdout
             assert "(churn)" not in table.stdout
