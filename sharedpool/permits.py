@@ -97,14 +97,23 @@ class PermitGate:
             slot.inflight -= 1
         return True
 
-    def acquire(self, timeout: float, *, reported_timeout: float | None = None) -> None:
+    def acquire(
+        self,
+        timeout: float,
+        *,
+        reported_timeout: float | None = None,
+        give_up: Callable[[], bool] | None = None,
+        wait_slice: float = WAIT_SLICE,
+    ) -> bool:
         """Take a permit, waiting at most ``timeout`` seconds, or raise PoolTimeout.
 
         ``reported_timeout`` is the wait the PoolTimeout message names (the
         caller's whole TIMEOUT when ``timeout`` is only what is left of it).
+        ``give_up`` is asked every ``wait_slice`` seconds; when it says so the
+        wait ends without a permit and without a timeout (returns False).
         """
         if self.try_acquire():
-            return
+            return True
         slot = self.slot
         start = time.monotonic()
         deadline = start + timeout
@@ -113,7 +122,7 @@ class PermitGate:
             if slot.waiting == 0:
                 slot.wait_since = time.time()
             slot.waiting += 1
-        acquired = False
+        acquired = gave_up = False
         try:
             while True:
                 if self.on_pressure is not None:
@@ -121,8 +130,11 @@ class PermitGate:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                if wait_for_permit(self._current_sem(), min(remaining, WAIT_SLICE)):
+                if wait_for_permit(self._current_sem(), min(remaining, wait_slice)):
                     acquired = True
+                    break
+                if give_up is not None and give_up():
+                    gave_up = True
                     break
         finally:
             waited_ms = (time.monotonic() - start) * 1000.0
@@ -135,11 +147,12 @@ class PermitGate:
                 if acquired:
                     slot.held += 1
                     slot.grants += 1
-                else:
+                elif not gave_up:
                     slot.timeouts += 1
                 slot.inflight -= 1
-        if not acquired:
-            raise self.timeout_error(timeout if reported_timeout is None else reported_timeout)
+        if acquired or gave_up:
+            return acquired
+        raise self.timeout_error(timeout if reported_timeout is None else reported_timeout)
 
     def release(self) -> None:
         """Give one permit back: unrecord it, then post (a crash in between leaks, never duplicates)."""

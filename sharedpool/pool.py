@@ -35,8 +35,9 @@ log = logging.getLogger("sharedpool")
 
 CLOSE_WAIT = 2.0  # seconds to wait for the server to confirm a closed backend has exited
 SHED_PENDING_FOR = 1.0  # seconds a shed request waits for a busy connection to come back
-MIN_STINT = 0.1  # seconds a busy connection is kept before a shed request may close it (no churn)
+MIN_STINT = 0.2  # seconds a busy connection is kept before a shed request may close it (no churn)
 IDLE_SETTLED = 0.02  # seconds idle after which a connection is not merely between two requests
+LOCAL_RETURN_CHECK = 0.02  # seconds between looks for a connection returned by another thread while waiting
 HANDOVER_YIELD = 0.03  # seconds at most a process that just handed a permit over lets the waiter take it
 _IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _RESETTABLE = (psycopg2.extensions.TRANSACTION_STATUS_INTRANS, psycopg2.extensions.TRANSACTION_STATUS_INERROR)
@@ -191,24 +192,48 @@ class ProcessBudget:
         slot.idle = self.idle
         slot.in_use = self.in_use
 
+    def may_reserve(self) -> bool:
+        """Tell whether a thread may count a new connection in (under self.lock).
+
+        Below MAX_PER_PROCESS, and only one thread per process waits at the
+        semaphore while others hold connections: the rest wait on ``cond``,
+        where a connection another thread returns reaches them at once.
+        """
+        return self.open < self.max_open and not (self.global_waiters and self.in_use)
+
     def _on_pressure(self) -> None:
         request_shed(self.ledger, self.gate.slot_index)
 
-    def take_permit(self, deadline: float, timeout: float) -> None:
-        """Take one permit for a connection about to open (self.open already counted it)."""
+    def take_permit(self, deadline: float, timeout: float, pool: "LocalPool") -> bool:
+        """Take one permit for a connection about to open (self.open already counted it).
+
+        Returns False, holding no permit, when a connection of ``pool`` came
+        back in this process meanwhile: taking that one costs no reconnect.
+        """
         gate = self.gate
         if time.monotonic() - self.handed_over_at < HANDOVER_YIELD:
             self._let_waiters_go_first()
         if gate.try_acquire():
-            return
+            return True
         with self.lock:
+            other = self._pop_lru_idle(exclude=pool)
             self.global_waiters += 1
+        if other is not None:
+            other.pool._close_entry(other)  # an idle connection to another target: its permit is ours
         self.listener.nudge()
         try:
-            gate.acquire(max(deadline - time.monotonic(), 0.0), reported_timeout=timeout)
+            if self.in_use > 1:
+                # other threads here hold connections: one may come back before any permit does
+                return gate.acquire(
+                    max(deadline - time.monotonic(), 0.0), reported_timeout=timeout,
+                    give_up=lambda: bool(pool._idle), wait_slice=LOCAL_RETURN_CHECK,
+                )
+            return gate.acquire(max(deadline - time.monotonic(), 0.0), reported_timeout=timeout)
         finally:
             with self.lock:
                 self.global_waiters -= 1
+                if self.local_waiters:
+                    self.cond.notify()  # another thread here may now take its turn at the semaphore
 
     def _let_waiters_go_first(self) -> None:
         """Don't barge: a woken waiter may need milliseconds to take the permit we posted."""
@@ -246,9 +271,7 @@ class ProcessBudget:
             self._deregister()
 
     def should_hand_over(self, entry: _Entry) -> bool:
-        """Tell whether a returned connection should be closed for a waiter (under self.lock)."""
-        if self.global_waiters:
-            return True
+        """Tell whether a returned connection should be closed for a waiter elsewhere (under self.lock)."""
         if self.shed_pending:
             now = time.monotonic()
             if now - entry.created < MIN_STINT:
@@ -377,7 +400,11 @@ class LocalPool:
             entry = self._take_idle_or_reserve(deadline, timeout, count)
             count = False
             if entry is None:
-                return self._open_new(deadline, timeout)
+                conn = self._open_new(deadline, timeout)
+                if conn is not None:
+                    return conn
+                now = time.monotonic()
+                continue
             try:
                 problem = self._problem(entry, now)
             except BaseException:  # e.g. gevent.Timeout during the ping: don't strand its permit
@@ -409,7 +436,7 @@ class LocalPool:
                     budget.in_use += 1
                     budget._publish()
                     return entry
-                if budget.open < budget.max_open:
+                if budget.may_reserve():
                     budget.open += 1
                     budget.in_use += 1
                     budget._publish()
@@ -432,25 +459,31 @@ class LocalPool:
                 finally:
                     budget.local_waiters -= 1
                 if not woken:
-                    if self._idle or budget.open < budget.max_open:
+                    if self._idle or budget.may_reserve():
                         continue
                     self._stats["requests_errors"] += 1
+                    if budget.open < budget.max_open:  # behind this process's own permit waiter
+                        raise budget.gate.timeout_error(timeout)
                     raise PoolTimeout(
                         f"pool {self.config.name!r}: no connection after {timeout:.1f} s "
                         f"(MAX_PER_PROCESS {budget.max_open} reached in process {os.getpid()}: "
                         f"{budget.in_use} in use, {budget.idle} idle)"
                     )
 
-    def _open_new(self, deadline: float, timeout: float) -> Any:
+    def _open_new(self, deadline: float, timeout: float) -> Any | None:
+        """Take a permit and connect; None if a connection came back here meanwhile."""
         budget = self.budget
         started = time.monotonic()
         try:
-            budget.take_permit(deadline, timeout)
+            permitted = budget.take_permit(deadline, timeout, self)
         except BaseException:
             with budget.lock:
                 self._stats["requests_errors"] += 1
             budget.unreserve()
             raise
+        if not permitted:
+            budget.unreserve()
+            return None
         waited_ms = int((time.monotonic() - started) * 1000.0)
         slot = budget.slot
         with budget.lock:
@@ -528,11 +561,7 @@ class LocalPool:
         with budget.lock:
             if bad:
                 self._stats["returns_bad"] += 1
-            elif not (
-                discard
-                or budget.closed
-                or ((budget.global_waiters or budget.shed_pending) and budget.should_hand_over(entry))
-            ):
+            elif not (discard or budget.closed or (budget.shed_pending and budget.should_hand_over(entry))):
                 entry.last_used = time.monotonic()
                 self._idle.append(entry)
                 budget.idle += 1

@@ -292,3 +292,39 @@ def test_synchronous_close_waits_for_the_backend_even_with_unread_notifications(
         cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
         assert cur.fetchone()[0] == 0  # gone from the server when close returned
     notifier.close()
+
+
+def test_threads_share_connections_without_reconnecting_when_the_budget_is_short(make_pool, dsn, unique_name):
+    """Another process holds half the budget: our 8 threads pass 2 connections around, no churn."""
+    pool = make_pool(pool_size=4, max_per_process=4, timeout=30)
+    holder = start_worker(
+        f"""
+        import sys
+        from sharedpool import LocalPool, PoolConfig
+        pool = LocalPool(PoolConfig(name={unique_name!r}, pool_size=4), {dsn!r})
+        conns = [pool.getconn() for _ in range(2)]
+        print("held", flush=True)
+        sys.stdin.read()
+        """
+    )
+    assert read_line(holder) == "held"
+    errors = []
+
+    def work():
+        try:
+            for _ in range(20):
+                with pool.connection() as conn, conn.cursor() as cur:
+                    cur.execute("SELECT pg_sleep(0.002)")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with PeakSampler(dsn, unique_name) as sampler:
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finish(holder)
+    assert not errors
+    assert sampler.peak <= 4
+    assert pool.get_stats()["connections_num"] == 2  # handed between threads, never reopened
