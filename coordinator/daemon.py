@@ -17,6 +17,7 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import posix_ipc
@@ -46,6 +47,7 @@ from .notify import SystemdNotifier
 
 log = logging.getLogger("sharedpool.coordinator")
 
+DRAIN_TIMEOUT = 10.0  # seconds, at exit with --remove-on-exit, for registered workers to stop too
 TICK = 0.1  # seconds between passes when no event arrives
 AUDIT_EVERY = 0.5
 RECLAIM_POLL = 0.005  # seconds between /proc checks while a dead worker's backends exit
@@ -244,8 +246,26 @@ class Coordinator:
     # -- loop --------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until SIGTERM/SIGINT, or until idle/parent-gone exit conditions hold."""
-        while self.running:
+        """Serve until SIGTERM/SIGINT, or until idle/parent-gone exit conditions hold.
+
+        With --remove-on-exit, registered workers usually stop along with us
+        (the server stops everything at once): keep reclaiming for up to
+        DRAIN_TIMEOUT until they are gone, so the ledger can be removed.
+        """
+        self._serve(lambda: not self.running)
+        if self.options.remove_on_exit and self._registered():
+            log.info("pool %r: waiting up to %.0f s for the registered workers to exit", self.name, DRAIN_TIMEOUT)
+            deadline = time.monotonic() + DRAIN_TIMEOUT
+            self.running = True  # a second SIGTERM/SIGINT ends the wait
+            self._serve(lambda: not self.running or time.monotonic() > deadline or not self._registered())
+        return self.shutdown()
+
+    def _registered(self) -> bool:
+        """Tell whether any slot is still taken: by a live worker, or a dead one not yet reclaimed."""
+        return any(s.state == SLOT_ACTIVE for s in self.ledger.slots[: self.ledger.header.slot_hwm])
+
+    def _serve(self, done: Callable[[], bool]) -> None:
+        while not done():
             for key, _ in self.selector.select(self._timeout()):
                 kind, data = key.data
                 if kind == "pidfd":
@@ -258,7 +278,6 @@ class Coordinator:
                     self.parent_gone = True
             self.handle_signals()
             self.tick()
-        return self.shutdown()
 
     def _timeout(self) -> float:
         return RECLAIM_POLL if self.pending else TICK

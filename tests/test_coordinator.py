@@ -307,7 +307,9 @@ def test_remove_on_exit_keeps_a_ledger_with_registered_workers(unique_name):
         worker = GateWorker(unique_name)
         try:
             worker.do("acquire 1")
-            assert coord.stop(signal.SIGTERM) == 0
+            coord.proc.send_signal(signal.SIGTERM)
+            assert wait_until(lambda: "waiting up to" in coord.log(), 5), coord.log()
+            assert coord.stop(signal.SIGTERM) == 0  # a second signal ends the wait
             assert f"not removing the ledger: 1 worker(s) still registered ({worker.pid})" in coord.log()
             assert Ledger.exists(unique_name) and os.path.exists(f"/dev/shm/sem.{ipc_names(unique_name)[1][1:]}")
             worker.do("acquire 1")  # still the one ledger and semaphore
@@ -315,6 +317,21 @@ def test_remove_on_exit_keeps_a_ledger_with_registered_workers(unique_name):
         finally:
             worker.exit()
         assert sem_free(unique_name) == 2
+
+
+def test_remove_on_exit_waits_for_workers_stopping_along(unique_name):
+    """A server stops its workers and the coordinator at once: the ledger goes once they are gone."""
+    with coordinator(unique_name, 2) as coord:
+        quitting, killed = GateWorker(unique_name), GateWorker(unique_name)
+        quitting.do("acquire 1")
+        killed.do("acquire 1")
+        coord.proc.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: "waiting up to" in coord.log(), 5), coord.log()
+        quitting.exit()
+        killed.kill()  # reclaimed during the wait, then the names go
+        assert coord.proc.wait(10) == 0
+        assert "removed /dev/shm/sharedpool." in coord.log(), coord.log()
+        assert not Ledger.exists(unique_name)
 
 
 def test_missing_semaphore_is_recreated_from_the_ledger(unique_name):
