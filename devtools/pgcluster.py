@@ -401,13 +401,13 @@ class TempCluster:
         t0 = time.monotonic()
         if self.dir is None:
             self.dir = tempfile.mkdtemp(prefix="sharedpool-pg-")
+        self._atexit = atexit.register(self._atexit_stop)  # before initdb: a failed one is cleaned up too
         if not os.path.exists(os.path.join(self.datadir, "PG_VERSION")):
             self._initdb()
         elif self.port is None:
             with contextlib.suppress(OSError, ValueError, KeyError):
                 with open(os.path.join(self.dir, STATE_FILE)) as f:
                     self.port = int(json.load(f)["port"])
-        self._atexit = atexit.register(self._atexit_stop)
         attempts = 1 if self._fixed_port else 5
         for attempt in range(attempts):
             if not self._fixed_port and (self.port is None or attempt > 0):

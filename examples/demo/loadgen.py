@@ -32,15 +32,16 @@ class Load:
         while time.monotonic() < self.stop_at:
             path = random.choice(paths)
             started = time.monotonic()
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
             try:
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
                 conn.request("GET", path, headers={"Connection": "close"})
                 response = conn.getresponse()
                 response.read()
-                conn.close()
                 error = None if response.status == 200 else f"HTTP {response.status} on {path}"
-            except OSError as exc:
+            except (OSError, http.client.HTTPException) as exc:
                 error = f"{type(exc).__name__} on {path}"
+            finally:
+                conn.close()
             elapsed = time.monotonic() - started
             with self.lock:
                 if error is None:
