@@ -32,6 +32,7 @@ from sharedpool.ledger import (
     Header,
     Ledger,
     Slot,
+    coordinator_ready,
     group_id,
     ipc_names,
     is_alive,
@@ -151,7 +152,7 @@ class Coordinator:
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                if _claimed_by_live_coordinator(opts.name, opts.group) or time.monotonic() > deadline:
+                if coordinator_ready(opts.name, opts.group) or time.monotonic() > deadline:
                     raise CoordinatorError(f"pool {opts.name!r}: a coordinator already runs (pid {holder})") from None
                 time.sleep(0.01)
                 continue
@@ -596,16 +597,3 @@ class Coordinator:
         ledger.close()
         os.close(self._lock_fd)  # last: the next coordinator may start now
         return 0
-
-
-def _claimed_by_live_coordinator(name: str, group: str | None) -> bool:
-    """Tell whether a valid ledger is claimed by a live coordinator."""
-    try:
-        ledger = Ledger.attach(name, group=group)
-    except LedgerError:
-        return False
-    try:
-        header = ledger.header
-        return bool(header.coordinator_pid) and is_alive(header.coordinator_pid, header.coordinator_start)
-    finally:
-        ledger.close()

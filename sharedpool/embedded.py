@@ -13,7 +13,7 @@ import time
 
 from .config import PoolConfig
 from .errors import LedgerError, PoolUnavailable
-from .ledger import Ledger, is_alive
+from .ledger import Ledger, coordinator_ready
 
 log = logging.getLogger("sharedpool")
 
@@ -44,9 +44,9 @@ def start_coordinator(config: PoolConfig, *extra: str) -> subprocess.Popen:
     )
     _started.append(process)  # reaped later; dropping a running Popen warns
     deadline = time.monotonic() + START_TIMEOUT
-    while not coordinator_ready(config.name):
+    while not coordinator_ready(config.name, config.group):
         if process.poll() is not None:
-            if coordinator_ready(config.name):
+            if coordinator_ready(config.name, config.group):
                 break  # another coordinator won the race to create the ledger
             raise PoolUnavailable(
                 f"pool {config.name!r}: the coordinator exited with code {process.returncode} before creating the ledger"
@@ -56,19 +56,6 @@ def start_coordinator(config: PoolConfig, *extra: str) -> subprocess.Popen:
             raise PoolUnavailable(f"pool {config.name!r}: the coordinator did not create the ledger within {START_TIMEOUT:.0f} s")
         time.sleep(0.01)
     return process
-
-
-def coordinator_ready(name: str) -> bool:
-    """Tell whether a valid ledger exists and a live coordinator has claimed it."""
-    try:
-        ledger = Ledger.attach(name)
-    except LedgerError:
-        return False
-    try:
-        header = ledger.header
-        return bool(header.coordinator_pid) and is_alive(header.coordinator_pid, header.coordinator_start)
-    finally:
-        ledger.close()
 
 
 def attach_or_start(config: PoolConfig) -> Ledger:
@@ -98,7 +85,7 @@ def attach_or_start(config: PoolConfig) -> Ledger:
                 config.name, process.pid, config.pool_size,
             )
     check_budget(ledger, config)
-    if config.autostart and not coordinator_ready(config.name):
+    if config.autostart and not coordinator_ready(config.name, config.group):
         log.warning("sharedpool: pool %r has no live coordinator; starting one to resume reclaim", config.name)
         start_coordinator(config, *EMBEDDED_ARGS)
     return ledger

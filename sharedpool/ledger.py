@@ -513,3 +513,16 @@ def group_id(group: str) -> int:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         raise LedgerError(f"GROUP {group!r} is not a group on this host") from None
+
+
+def coordinator_ready(name: str, group: str | None = None) -> bool:
+    """Tell whether a valid ledger exists and a live coordinator has claimed it."""
+    try:
+        ledger = Ledger.attach(name, group=group)
+    except LedgerError:
+        return False
+    try:
+        header = ledger.header
+        return bool(header.coordinator_pid) and is_alive(header.coordinator_pid, header.coordinator_start)
+    finally:
+        ledger.close()
