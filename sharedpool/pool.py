@@ -256,16 +256,15 @@ class ProcessBudget:
         self.gate.release()
         self.unreserve(in_use=in_use)
 
-    def unreserve(self, *, in_use: bool = True, opened: bool = True) -> None:
-        """Uncount a connection that is no longer in use and/or no longer open."""
+    def unreserve(self, *, in_use: bool = True) -> None:
+        """Uncount a connection that is no longer open (and, if ``in_use``, was checked out)."""
         with self.lock:
             if in_use:
                 self.in_use -= 1
                 self._publish()
-            if opened:
-                self.open -= 1
-                if self.local_waiters:
-                    self.cond.notify()
+            self.open -= 1
+            if self.local_waiters:
+                self.cond.notify()
             last = self.closed and self.open == 0
         if last:
             self._deregister()
