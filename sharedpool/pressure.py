@@ -3,7 +3,8 @@
 Runs in the worker. A thread that must wait for a permit picks a victim from
 the ledger (most idle connections, least recently used) and wakes it with a
 datagram; the victim's listener thread closes one idle connection and posts
-its permit, or, if all its connections are busy, closes the next one returned.
+its permit, or, if all its connections are busy (or idle only between two
+requests), closes the next one returned once it served its minimum stint.
 Nothing sheds while nobody waits, so a steady load never churns.
 """
 from __future__ import annotations
@@ -50,6 +51,7 @@ def choose_victim(ledger: Ledger, own_index: int) -> int:
 
 
 def others_waiting(ledger: Ledger, own_index: int) -> bool:
+    """Tell whether a thread of another worker waits for a permit."""
     slots = ledger.slots
     return any(
         slots[i].waiting and slots[i].state == SLOT_ACTIVE for i in range(ledger.header.slot_hwm) if i != own_index
@@ -61,7 +63,7 @@ def request_shed(ledger: Ledger, own_index: int) -> int:
     victim = choose_victim(ledger, own_index)
     if victim >= 0:
         slot = ledger.slots[victim]
-        slot.shed_requests += 1  # a hint for status; the datagram is the wake-up
+        slot.shed_requests += 1  # unlocked, from many processes: a hint (status, victim spreading)
         channel.send(channel.worker_address(ledger.name, slot.pid), SHED)
     return victim
 
