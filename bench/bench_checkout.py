@@ -3,8 +3,8 @@
     .venv/bin/python bench/bench_checkout.py [--dsn DSN] [--iterations N] [--repeats R]
 
 Every pool holds one warm connection; each operation is a checkout and a
-return with no query, timed over N iterations, R times; the median per
-operation is reported. Appends one JSON line to bench/results/checkout.jsonl.
+return with no query, timed over N iterations, R rounds interleaved across
+the pools; the median (and minimum) per operation is reported. Appends one JSON line to bench/results/checkout.jsonl.
 """
 from __future__ import annotations
 
@@ -22,16 +22,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def timed(op: Callable[[], None], iterations: int, repeats: int) -> float:
-    """Median microseconds per call of ``op``."""
-    op()
-    runs = []
+def timed(ops: dict[str, Callable[[], None]], iterations: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median and minimum microseconds per call of each op, rounds interleaved.
+
+    Every round times each pool once, back to back, so the noise of a shared
+    machine falls on all of them alike.
+    """
+    runs: dict[str, list[float]] = {name: [] for name in ops}
+    for op in ops.values():
+        op()
     for _ in range(repeats):
-        started = time.perf_counter()
-        for _ in range(iterations):
-            op()
-        runs.append((time.perf_counter() - started) / iterations * 1e6)
-    return statistics.median(runs)
+        for name, op in ops.items():
+            started = time.perf_counter()
+            for _ in range(iterations):
+                op()
+            runs[name].append((time.perf_counter() - started) / iterations * 1e6)
+    return {name: (statistics.median(r), min(r)) for name, r in runs.items()}
 
 
 @contextlib.contextmanager
@@ -96,15 +102,17 @@ def main() -> int:
             from devtools.pgcluster import TempCluster
 
             dsn = stack.enter_context(TempCluster()).dsn
-        results = {}
-        for name, factory in POOLS.items():
-            with factory(dsn) as op:
-                results[name] = round(timed(op, args.iterations, args.repeats), 3)
-            print(f"{name:>22}: {results[name]:7.2f} µs per warm checkout + return", flush=True)
+        ops = {name: stack.enter_context(factory(dsn)) for name, factory in POOLS.items()}
+        timings = timed(ops, args.iterations, args.repeats)
+    results = {name: round(median, 3) for name, (median, _) in timings.items()}
+    minimums = {name: round(low, 3) for name, (_, low) in timings.items()}
+    for name, (median, low) in timings.items():
+        print(f"{name:>22}: {median:7.2f} µs per warm checkout + return (median; min {low:.2f})", flush=True)
     record = {
         "bench": "checkout",
         "unit": "us_median",
         "results": results,
+        "minimums": minimums,
         "iterations": args.iterations,
         "repeats": args.repeats,
         "python": platform.python_version(),

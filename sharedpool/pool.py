@@ -379,6 +379,9 @@ class LocalPool:
         self._connect = connect
         self._connect_args = (dsn,) if dsn is not None else ()
         self._connect_kwargs = _with_server_options(config, connect_kwargs)
+        # None means never: infinity keeps the warm checkout path to plain comparisons
+        self._recycle = float("inf") if config.recycle is None else config.recycle
+        self._pre_ping = float("inf") if config.pre_ping is None else config.pre_ping
         self._idle: list[_Entry] = []  # LIFO: the warmest connection is at the end
         self._out: dict[int, _Entry] = {}
         self._stats = dict.fromkeys(STAT_KEYS, 0)
@@ -404,6 +407,10 @@ class LocalPool:
                     return conn
                 now = time.monotonic()
                 continue
+            conn = entry.conn
+            if not (conn.closed or now - entry.created >= self._recycle or now - entry.last_used >= self._pre_ping):
+                self._out[id(conn)] = entry  # the warm path: nothing to check
+                return conn
             try:
                 problem = self._problem(entry, now)
             except BaseException:  # e.g. gevent.Timeout during the ping: don't strand its permit
@@ -433,7 +440,9 @@ class LocalPool:
                     entry = idle.pop()
                     budget.idle -= 1
                     budget.in_use += 1
-                    budget._publish()
+                    slot = budget.slot  # _publish(), inlined: a connection left idle is no news
+                    slot.idle = budget.idle
+                    slot.in_use = budget.in_use
                     return entry
                 if budget.may_reserve():
                     budget.open += 1
@@ -519,11 +528,9 @@ class LocalPool:
         conn = entry.conn
         if conn.closed:
             return "lost"
-        recycle = self.config.recycle
-        if recycle is not None and now - entry.created >= recycle:
+        if now - entry.created >= self._recycle:
             return "recycled"
-        pre_ping = self.config.pre_ping
-        if pre_ping is not None and now - entry.last_used >= pre_ping:
+        if now - entry.last_used >= self._pre_ping:
             try:
                 with conn.cursor() as cur:
                     cur.execute("SELECT 1")
