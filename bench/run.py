@@ -138,45 +138,37 @@ class Server:
         finally:
             conn.close()
 
-    def make_template(self) -> None:
-        conn = self.connect()
+    def execute(self, *statements: str | tuple[str, tuple], dbname: str | None = None) -> None:
+        """Execute statements (SQL, or (SQL, args)) on one autocommit connection."""
+        conn = self.connect(dbname)
         try:
             with conn.cursor() as cur:
-                cur.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
-                cur.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)")
-                cur.execute(f"CREATE DATABASE {TEMPLATE_DB}")
-        finally:
-            conn.close()
-        conn = self.connect(TEMPLATE_DB)
-        try:
-            with conn.cursor() as cur:
-                cur.execute("CREATE TABLE bench_item (id bigserial PRIMARY KEY,"
-                            " name varchar(64) NOT NULL, value integer NOT NULL)")
-                cur.execute("INSERT INTO bench_item (name, value)"
-                            " SELECT 'item-' || g, (g * 7919) %% 100000"
-                            " FROM generate_series(1, %s) g", (ROWS,))
-                cur.execute("VACUUM ANALYZE bench_item")
+                for statement in statements:
+                    sql, args = statement if isinstance(statement, tuple) else (statement, None)
+                    cur.execute(sql, args)
         finally:
             conn.close()
 
+    def make_template(self) -> None:
+        self.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)",
+                 f"DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)",
+                 f"CREATE DATABASE {TEMPLATE_DB}")
+        self.execute("CREATE TABLE bench_item (id bigserial PRIMARY KEY,"
+                 " name varchar(64) NOT NULL, value integer NOT NULL)",
+                 ("INSERT INTO bench_item (name, value)"
+                  " SELECT 'item-' || g, (g * 7919) %% 100000"
+                  " FROM generate_series(1, %s) g", (ROWS,)),
+                 "VACUUM ANALYZE bench_item",
+                 dbname=TEMPLATE_DB)
+
     def fresh_db(self) -> None:
-        conn = self.connect()
-        try:
-            with conn.cursor() as cur:
-                cur.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
-                cur.execute(f"CREATE DATABASE {DB_NAME} TEMPLATE {TEMPLATE_DB}")
-        finally:
-            conn.close()
+        self.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)",
+                 f"CREATE DATABASE {DB_NAME} TEMPLATE {TEMPLATE_DB}")
 
     def drop_all(self) -> None:
         with contextlib.suppress(Exception):
-            conn = self.connect()
-            try:
-                with conn.cursor() as cur:
-                    cur.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
-                    cur.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)")
-            finally:
-                conn.close()
+            self.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)",
+                     f"DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)")
 
     def log_offset(self) -> int | None:
         if self.cluster is None:

@@ -36,6 +36,22 @@ def make_pool(dsn, unique_name):
             ledger.close()
 
 
+def hold_connections(name: str, dsn: str, count: int):
+    """Another worker process that checks ``count`` connections out of the 4-permit pool and keeps them."""
+    holder = start_worker(
+        f"""
+        import sys
+        from sharedpool import LocalPool, PoolConfig
+        pool = LocalPool(PoolConfig(name={name!r}, pool_size=4), {dsn!r})
+        conns = [pool.getconn() for _ in range({count})]
+        print("held", flush=True)
+        sys.stdin.read()
+        """
+    )
+    assert read_line(holder) == "held"
+    return holder
+
+
 def backend_pid(conn) -> int:
     with conn.cursor() as cur:
         cur.execute("SELECT pg_backend_pid()")
@@ -91,17 +107,7 @@ def test_max_per_process_and_timeout_message(make_pool):
 
 def test_budget_timeout_names_the_holders(make_pool, dsn, unique_name):
     pool = make_pool(pool_size=4, timeout=0.3)
-    holder = start_worker(
-        f"""
-        import sys
-        from sharedpool import LocalPool, PoolConfig
-        pool = LocalPool(PoolConfig(name={unique_name!r}, pool_size=4), {dsn!r})
-        conns = [pool.getconn() for _ in range(4)]
-        print("held", flush=True)
-        sys.stdin.read()
-        """
-    )
-    assert read_line(holder) == "held"
+    holder = hold_connections(unique_name, dsn, 4)
     started = time.monotonic()
     with pytest.raises(PoolTimeout) as info:
         pool.getconn()
@@ -297,17 +303,7 @@ def test_synchronous_close_waits_for_the_backend_even_with_unread_notifications(
 def test_threads_share_connections_without_reconnecting_when_the_budget_is_short(make_pool, dsn, unique_name):
     """Another process holds half the budget: our 8 threads pass 2 connections around, no churn."""
     pool = make_pool(pool_size=4, max_per_process=4, timeout=30)
-    holder = start_worker(
-        f"""
-        import sys
-        from sharedpool import LocalPool, PoolConfig
-        pool = LocalPool(PoolConfig(name={unique_name!r}, pool_size=4), {dsn!r})
-        conns = [pool.getconn() for _ in range(2)]
-        print("held", flush=True)
-        sys.stdin.read()
-        """
-    )
-    assert read_line(holder) == "held"
+    holder = hold_connections(unique_name, dsn, 2)
     errors = []
 
     def work():
