@@ -378,6 +378,24 @@ def sample_server(dsn: str, app_name: str, budget: int, stop, results) -> None:
     results.put({"samples": samples, "peak": peak, "over": over, "max_gap": max_gap, "late": late})
 
 
+def run_in_threads(work: Callable[[], object], count: int) -> list[BaseException]:
+    """Run ``work`` in ``count`` threads at once; return what they raised."""
+    errors: list[BaseException] = []
+
+    def guarded() -> None:
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
 def start_worker(code: str, **env: str) -> subprocess.Popen:
     """Start a separate interpreter running ``code``; it talks through stdin/stdout lines."""
     return subprocess.Popen(

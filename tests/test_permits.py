@@ -13,6 +13,8 @@ import pytest
 from sharedpool.errors import PoolTimeout
 from sharedpool.permits import PermitGate
 
+from helpers_procs import run_in_threads
+
 
 @pytest.fixture
 def ledger(make_ledger):
@@ -96,21 +98,13 @@ def test_timeout_message_names_the_reported_timeout(ledger):
 def test_many_threads_keep_exact_counts(ledger):
     gate = PermitGate(ledger)
     gate.register()
-    errors = []
 
     def churn():
-        try:
-            for _ in range(300):
-                gate.acquire(5.0)
-                gate.release()
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for _ in range(300):
+            gate.acquire(5.0)
+            gate.release()
 
-    threads = [threading.Thread(target=churn) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(churn, 6)
     assert not errors
     slot = gate.slot
     assert (slot.held, slot.inflight, slot.waiting, ledger.sem.value) == (0, 0, 0, 2)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import psycopg2
@@ -10,7 +9,7 @@ import pytest
 
 from sharedpool import LocalPool, PoolClosed, PoolConfig, PoolTimeout
 from sharedpool.ledger import Ledger
-from helpers_procs import PeakSampler, backends, coordinator, finish, read_line, start_worker, wait_until
+from helpers_procs import PeakSampler, backends, coordinator, finish, read_line, run_in_threads, start_worker, wait_until
 
 
 @pytest.fixture
@@ -179,23 +178,16 @@ def test_server_restart_loses_no_permit(make_pool, pg, unique_name):
 
 def test_sixteen_threads_share_four_connections(make_pool, dsn, unique_name):
     pool = make_pool(pool_size=4, max_per_process=4, timeout=30)
-    done, errors = [], []
+    done = []
 
     def work():
-        try:
-            for _ in range(15):
-                with pool.connection() as conn, conn.cursor() as cur:
-                    cur.execute("SELECT pg_sleep(0.005)")
-            done.append(1)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        for _ in range(15):
+            with pool.connection() as conn, conn.cursor() as cur:
+                cur.execute("SELECT pg_sleep(0.005)")
+        done.append(1)
 
     with PeakSampler(dsn, unique_name) as sampler:
-        threads = [threading.Thread(target=work) for _ in range(16)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        errors = run_in_threads(work, 16)
     assert not errors
     assert len(done) == 16
     assert 0 < sampler.peak <= 4
@@ -304,22 +296,14 @@ def test_threads_share_connections_without_reconnecting_when_the_budget_is_short
     """Another process holds half the budget: our 8 threads pass 2 connections around, no churn."""
     pool = make_pool(pool_size=4, max_per_process=4, timeout=30)
     holder = hold_connections(unique_name, dsn, 2)
-    errors = []
 
     def work():
-        try:
-            for _ in range(20):
-                with pool.connection() as conn, conn.cursor() as cur:
-                    cur.execute("SELECT pg_sleep(0.002)")
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        for _ in range(20):
+            with pool.connection() as conn, conn.cursor() as cur:
+                cur.execute("SELECT pg_sleep(0.002)")
 
     with PeakSampler(dsn, unique_name) as sampler:
-        threads = [threading.Thread(target=work) for _ in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        errors = run_in_threads(work, 8)
     finish(holder)
     assert not errors
     assert sampler.peak <= 4
