@@ -21,7 +21,7 @@ venv: $(STAMP)  ## create .venv with the package and its test extras
 test: $(STAMP)  ## run the whole test suite against a throwaway PostgreSQL (or DATABASE_URL)
 	$(PY) -m pytest -q
 
-demo: $(STAMP)  ## the demo: gunicorn workers > budget under load, sharedpool vs the stock backend (~1 min)
+demo: $(STAMP)  ## the demo: gunicorn workers > budget under load, sharedpool vs the stock backend (about 2 min)
 	$(PY) examples/demo/run_demo.py
 
 test-fast: $(STAMP)  ## the suite without the slow real-process tests
