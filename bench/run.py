@@ -390,6 +390,15 @@ def run_wrk(port: int, paths: str, connections: int, duration: int, timeout_s: i
     return json.loads(m.group(1)), cmd, "BENCH_PATHS=" + shlex.quote(paths)
 
 
+def run_threads(target, count: int) -> None:
+    """Run ``target`` in ``count`` threads at once and wait for all of them."""
+    threads = [threading.Thread(target=target) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def python_load(port: int, paths: str, connections: int, duration: int) -> dict:
     """Fallback load generator when wrk is missing: `connections` threads,
     one HTTP request at a time each, for `duration` seconds. Slower than wrk
@@ -421,11 +430,7 @@ def python_load(port: int, paths: str, connections: int, duration: int) -> dict:
                 if not 200 <= status < 400:
                     errors["status"] += 1
 
-    ths = [threading.Thread(target=worker) for _ in range(connections)]
-    for t in ths:
-        t.start()
-    for t in ths:
-        t.join()
+    run_threads(worker, connections)
     elapsed = time.monotonic() - t0
     return _load_stats(sorted(lat), elapsed, errors, f"python threads x{connections}")
 
@@ -457,11 +462,7 @@ def warm(port: int, path: str, concurrency: int, total: int) -> None:
             with contextlib.suppress(Exception):
                 http_get(port, path, timeout=30)
 
-    ths = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in ths:
-        t.start()
-    for t in ths:
-        t.join()
+    run_threads(worker, concurrency)
 
 
 def probe_features(port: int, concurrency: int, duration: float) -> dict:
@@ -514,11 +515,7 @@ def probe_features(port: int, concurrency: int, duration: float) -> dict:
             one()
 
     n_before = len(lat)
-    ths = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in ths:
-        t.start()
-    for t in ths:
-        t.join()
+    run_threads(worker, concurrency)
     elapsed = time.monotonic() - t0
     return {
         "sequential": sequential,

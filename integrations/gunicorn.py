@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import os
 
+from sharedpool import forksafe
 from sharedpool.config import PoolConfig
 
 from . import servers
@@ -99,9 +100,9 @@ def on_starting(server) -> None:
 
 def post_fork(server, worker) -> None:
     """Prepare a new worker. Runs in the worker right after fork, before it loads or serves."""
-    servers.after_fork_in_child()
+    forksafe.after_fork_in_child()
     if _is_gevent_worker(worker):
-        _make_psycopg2_green()
+        servers.make_psycopg2_green()
 
 
 def child_exit(server, worker) -> None:
@@ -128,28 +129,3 @@ def on_exit(server) -> None:
 
 def _is_gevent_worker(worker) -> bool:
     return any(cls.__module__ == "gunicorn.workers.ggevent" for cls in type(worker).__mro__)
-
-
-def _make_psycopg2_green() -> None:
-    """Let other greenlets run while psycopg2 waits for the server (what psycogreen does)."""
-    import psycopg2.extensions
-
-    if psycopg2.extensions.get_wait_callback() is None:
-        psycopg2.extensions.set_wait_callback(_gevent_wait_callback)
-
-
-def _gevent_wait_callback(conn, timeout=None) -> None:
-    from gevent.socket import wait_read, wait_write
-    from psycopg2 import OperationalError
-    from psycopg2.extensions import POLL_OK, POLL_READ, POLL_WRITE
-
-    while True:
-        state = conn.poll()
-        if state == POLL_OK:
-            return
-        if state == POLL_READ:
-            wait_read(conn.fileno(), timeout=timeout)
-        elif state == POLL_WRITE:
-            wait_write(conn.fileno(), timeout=timeout)
-        else:
-            raise OperationalError(f"bad state from poll: {state}")

@@ -11,16 +11,17 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 
-from sharedpool import channel, forksafe
+from sharedpool import channel
 from sharedpool.config import ENV_PREFIX, PoolConfig
 from sharedpool.ledger import proc_stat
 
 log = logging.getLogger("sharedpool.integrations")
 
 DJANGO_ENGINE = "sharedpool.integrations.django"
-STOP_TIMEOUT = 5.0  # seconds a stopped coordinator gets before SIGKILL
+STOP_TIMEOUT = 15.0  # seconds a stopped coordinator gets before SIGKILL: more than its 10 s drain of exiting workers
 
 
 # -- which pools ---------------------------------------------------------------------------------
@@ -104,8 +105,6 @@ def parent_of(pid: int) -> int | None:
 
 def stop_process(pid: int, timeout: float = STOP_TIMEOUT) -> None:
     """SIGTERM ``pid`` (our child), wait, then SIGKILL; reap it if it is our child."""
-    import time
-
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
@@ -132,15 +131,6 @@ def notify_exit(names: list[str], pid: int) -> None:
 
 # -- the worker ------------------------------------------------------------------------------------
 
-def after_fork_in_child() -> None:
-    """Run sharedpool's fork-safety hooks in this child unless ``os.fork`` already did.
-
-    Servers that fork from C (uWSGI) skip ``os.register_at_fork`` hooks; without
-    this the child would believe it owns the parent's connections and slot.
-    """
-    forksafe.after_fork_in_child()
-
-
 def close_worker_pools() -> None:
     """Give back this process's connections and permits and free its ledger slot (worker exit)."""
     django_db = sys.modules.get("django.db")
@@ -153,3 +143,32 @@ def close_worker_pools() -> None:
             pool.close_all()
         except Exception as exc:  # noqa: BLE001 - a worker on its way out must still exit
             log.warning("sharedpool: closing the pools of process %d: %s", os.getpid(), exc)
+
+
+# -- gevent ------------------------------------------------------------------------------------
+
+
+def make_psycopg2_green() -> None:
+    """Let other greenlets run while psycopg2 waits for the server (what psycogreen does)."""
+    import psycopg2.extensions
+
+    if psycopg2.extensions.get_wait_callback() is None:
+        psycopg2.extensions.set_wait_callback(gevent_wait_callback)
+
+
+def gevent_wait_callback(conn, timeout: float | None = None) -> None:
+    """Wait for a psycopg2 connection on the gevent hub instead of blocking the process."""
+    from gevent.socket import wait_read, wait_write
+    from psycopg2 import OperationalError
+    from psycopg2.extensions import POLL_OK, POLL_READ, POLL_WRITE
+
+    while True:
+        state = conn.poll()
+        if state == POLL_OK:
+            return
+        if state == POLL_READ:
+            wait_read(conn.fileno(), timeout=timeout)
+        elif state == POLL_WRITE:
+            wait_write(conn.fileno(), timeout=timeout)
+        else:
+            raise OperationalError(f"bad state from poll: {state}")

@@ -42,6 +42,7 @@ import os
 import sys
 import time
 
+from sharedpool import forksafe
 from sharedpool.config import PoolConfig
 
 from . import servers
@@ -59,7 +60,7 @@ except ImportError:
 
 def postfork() -> None:
     """Prepare a new worker. Runs in the worker right after uWSGI forked it."""
-    servers.after_fork_in_child()
+    forksafe.after_fork_in_child()
     if _daemon_configured():
         for config in servers.pool_configs():
             _wait_for_ledger(config)

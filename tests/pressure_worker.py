@@ -94,20 +94,9 @@ def greenlets(name: str, budget: int, dsn: str, count: int) -> None:
 
     monkey.patch_all()
     import gevent
-    import psycopg2.extensions
-    from gevent.socket import wait_read, wait_write
+    from sharedpool.integrations.servers import make_psycopg2_green
 
-    def wait_callback(conn, timeout=None):  # what psycogreen installs: libpq waits yield to the hub
-        while True:
-            state = conn.poll()
-            if state == psycopg2.extensions.POLL_OK:
-                return
-            if state == psycopg2.extensions.POLL_READ:
-                wait_read(conn.fileno(), timeout=timeout)
-            else:
-                wait_write(conn.fileno(), timeout=timeout)
-
-    psycopg2.extensions.set_wait_callback(wait_callback)
+    make_psycopg2_green()  # libpq waits yield to the hub, as under gunicorn's gevent worker
     pool = make_pool(name, budget, dsn, max_per_process=3, timeout=60)
     ticks, gaps, running = [], [], True
 

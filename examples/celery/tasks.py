@@ -9,7 +9,7 @@ import os
 
 from celery import Celery, signals
 
-from sharedpool import LocalPool, PoolConfig
+from sharedpool import LocalPool, PoolConfig, forksafe
 from sharedpool.integrations import servers
 
 app = Celery("tasks", broker=os.environ.get("CELERY_BROKER_URL", "redis://localhost:6379/0"))
@@ -32,7 +32,7 @@ def start_coordinator(**kwargs):
 @signals.worker_process_init.connect
 def forget_parent_connections(**kwargs):
     """Each child, right after fork (billiard uses os.fork, so this is a no-op safety net)."""
-    servers.after_fork_in_child()
+    forksafe.after_fork_in_child()
 
 
 @signals.worker_process_shutdown.connect
