@@ -40,6 +40,8 @@ class PoolConfig:
     reclaim_grace: float = 0.5
     autostart: bool = True
     group: str | None = None
+    cluster_budget: int | None = None
+    driver: str = "auto"
 
     def __post_init__(self) -> None:
         for key, (convert, _) in SETTINGS.items():
@@ -158,6 +160,15 @@ def _name(key: str, value: Any) -> str:
     return value
 
 
+def _driver(key: str, value: Any) -> str:
+    if value not in DRIVERS:
+        raise ConfigError(f"{key} must be one of {', '.join(DRIVERS)}, got {value!r}")
+    return value
+
+
+DRIVERS = ("auto", "psycopg", "psycopg2")
+
+
 def _group(key: str, value: Any) -> str | None:
     if _is_none(value):
         return None
@@ -179,4 +190,6 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str]] = {
     "RECLAIM_GRACE": (seconds(0.0, optional=False), "dead worker grace"),
     "AUTOSTART": (_bool, "start a coordinator on demand"),
     "GROUP": (_group, "shared OS group"),
+    "CLUSTER_BUDGET": (integer(1, 1_000_000, optional=True), "server connections of all hosts together"),
+    "DRIVER": (_driver, "database driver"),
 }
