@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -11,11 +12,13 @@ from collections.abc import Callable
 from typing import Any
 
 from sharedpool import channel
-from sharedpool.config import SETTINGS, PoolConfig, integer, seconds
+from sharedpool.config import ENV_PREFIX, SETTINGS, PoolConfig, integer, seconds
 from sharedpool.errors import SharedPoolError
-from sharedpool.ledger import DEFAULT_SLOTS, Ledger, unlink
+from sharedpool.ledger import DEFAULT_SLOTS, Ledger
+from sharedpool.names import CONTROL_SOCKET, PoolNames
 
 from .daemon import Coordinator, Options
+from .lifecycle import remove_pool
 from .status import format_table, snapshot_dict
 
 
@@ -41,6 +44,12 @@ def _setting(convert: Callable[[str, Any], Any], option: str) -> Callable[[str],
 _SECONDS = seconds(0.0, optional=False)
 _RECLAIM_GRACE = PoolConfig.__dataclass_fields__["reclaim_grace"].default
 
+def _group_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--group", type=_setting(SETTINGS["GROUP"][0], "--group"),
+                        default=os.environ.get(f"{ENV_PREFIX}GROUP") or None,
+                        help=f"OS group sharing the pool (default: ${ENV_PREFIX}GROUP, else none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sharedpool",
@@ -58,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", type=_pool_name, default="default", help="pool name (default: %(default)s)")
     run.add_argument("--budget", type=_setting(SETTINGS["POOL_SIZE"][0], "--budget"), required=True, help="server connections allowed for all workers of the pool on this host")
     run.add_argument("--slots", type=_setting(integer(1, 65536), "--slots"), default=DEFAULT_SLOTS, help="worker processes the ledger can hold (default: %(default)s)")
-    run.add_argument("--group", help="OS group sharing the pool: objects get mode 0660 instead of 0600")
+    run.add_argument("--group", type=_setting(SETTINGS["GROUP"][0], "--group"),
+                     default=os.environ.get(f"{ENV_PREFIX}GROUP") or None,
+                     help=f"OS group sharing the pool: objects get mode 0660 and the directory 2770 instead of "
+                     f"0600/0700 (default: ${ENV_PREFIX}GROUP, else none)")
     run.add_argument("--reclaim-grace", type=_setting(SETTINGS["RECLAIM_GRACE"][0], "--reclaim-grace"), default=_RECLAIM_GRACE, help="seconds to wait before returning a dead worker's permits when its backends cannot be seen on this host (default: %(default)s)")
     run.add_argument("--remove-on-exit", action="store_true", help="remove the ledger and semaphore when stopping (default: leave them for running workers)")
     run.add_argument("--exit-when-idle", type=_setting(_SECONDS, "--exit-when-idle"), metavar="SECONDS", help="exit once no worker has been registered for SECONDS")
@@ -67,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show budget, free permits, workers, counters, heartbeat")
     status.add_argument("--name", type=_pool_name, default="default", help="pool name (default: %(default)s)")
+    _group_option(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("--watch", type=_setting(_SECONDS, "--watch"), metavar="SECONDS", help="repeat every SECONDS until interrupted")
     status.add_argument("--rate-window", type=_setting(_SECONDS, "--rate-window"), default=1.0, metavar="SECONDS",
@@ -77,14 +90,30 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--name", type=_pool_name, action="append", required=True, help="pool name (repeat for several)")
     metrics.add_argument("--port", type=_setting(integer(1, 65535), "--port"), default=9187, help="TCP port (default: %(default)s)")
     metrics.add_argument("--addr", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    _group_option(metrics)
 
-    reload = sub.add_parser("reload", help="change the budget of a running pool")
+    reload = sub.add_parser(
+        "reload", help="change the budget of a running pool",
+        description="Ask the coordinator for a new budget. Raising takes effect at once; a cut retires "
+        "permits as connections come back (idle ones are closed at once, busy ones when returned): the "
+        "command waits until the pool is within the new budget and says who still holds if it is not.",
+    )
     reload.add_argument("--name", type=_pool_name, default="default", help="pool name (default: %(default)s)")
     reload.add_argument("--budget", type=_setting(SETTINGS["POOL_SIZE"][0], "--budget"), required=True, help="the new budget")
+    reload.add_argument("--wait", type=_setting(_SECONDS, "--wait"), default=30.0, metavar="SECONDS",
+                        help="how long to wait for a cut to converge (default: %(default)s)")
+    _group_option(reload)
 
-    cleanup = sub.add_parser("cleanup", help="remove a pool's shared memory and semaphore")
+    cleanup = sub.add_parser(
+        "cleanup", help="remove a pool's directory, ledger and semaphore",
+        description="Remove a pool nobody uses any more (also a corrupt or foreign one). Refuses while a "
+        "coordinator runs or a live worker is registered, naming them.",
+    )
     cleanup.add_argument("--name", type=_pool_name, required=True, help="pool name")
-    cleanup.add_argument("--force", action="store_true", help="remove even if live workers are registered")
+    cleanup.add_argument("--force", action="store_true",
+                         help="remove even while live workers are registered: they keep their connections "
+                         "outside any budget until they exit (never while a coordinator runs)")
+    _group_option(cleanup)
     return parser
 
 
@@ -122,7 +151,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    ledger = Ledger.attach(args.name)
+    ledger = Ledger.attach(args.name, group=args.group)
     try:
         previous, taken = None, time.monotonic()
         if args.rate_window:
@@ -151,7 +180,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         return 1
     from .metrics import LedgerCollector
 
-    ledgers = [Ledger.attach(name) for name in args.name]
+    ledgers = [Ledger.attach(name, group=args.group) for name in args.name]
     stop = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # before the server thread starts: it inherits the mask
     registry = CollectorRegistry()
@@ -163,43 +192,45 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    ledger = Ledger.attach(args.name)
+    ledger = Ledger.attach(args.name, group=args.group)
     try:
-        epoch = ledger.header.epoch
-        if not channel.send(channel.coordinator_address(args.name), f"budget {args.budget}".encode()):
+        if not ledger.coordinator_alive() or not channel.send(
+            PoolNames(args.name), CONTROL_SOCKET, f"budget {args.budget}".encode()
+        ):
             print(f"sharedpool reload: no coordinator is running for pool {args.name!r}", file=sys.stderr)
             return 1
-        deadline = time.monotonic() + 5.0
-        while ledger.header.epoch == epoch and time.monotonic() < deadline:
+        started = time.monotonic()
+        header = ledger.header
+        while header.budget != args.budget:
+            if time.monotonic() - started > 5.0:
+                print(f"sharedpool reload: the coordinator did not apply budget {args.budget} within 5 s",
+                      file=sys.stderr)
+                return 1
             time.sleep(0.01)
-        if ledger.header.budget != args.budget:
-            print(f"sharedpool reload: the coordinator did not apply budget {args.budget} within 5 s", file=sys.stderr)
-            return 1
-        print(f"pool {args.name!r}: budget {args.budget}")
+        next_report = started + 1.0
+        while header.retire_debt:
+            now = time.monotonic()
+            if now - started > args.wait:
+                snap = ledger.snapshot()
+                print(f"sharedpool reload: pool {args.name!r}: budget {args.budget} applied, but "
+                      f"{snap.retire_debt} permit(s) above it are still held after {args.wait:.0f} s: "
+                      f"{snap.holders_text()}", file=sys.stderr)
+                return 1
+            if now >= next_report:
+                next_report = now + 1.0
+                print(f"pool {args.name!r}: retiring, {header.retire_debt} permit(s) above budget {args.budget} "
+                      "still held", file=sys.stderr, flush=True)
+            time.sleep(0.01)
+        print(f"pool {args.name!r}: budget {args.budget} (within it after {time.monotonic() - started:.2f} s)")
         return 0
     finally:
         ledger.close()
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    if Ledger.exists(args.name) and not args.force:
-        try:
-            ledger = Ledger.attach(args.name)
-        except SharedPoolError:
-            ledger = None  # foreign or corrupt: removing it is the point
-        if ledger is not None:
-            try:
-                live = [w["pid"] for w in snapshot_dict(ledger.snapshot())["workers"] if w["alive"]]
-            finally:
-                ledger.close()
-            if live:
-                print(
-                    f"sharedpool cleanup: pool {args.name!r} has {len(live)} live worker(s) "
-                    f"({', '.join(map(str, live[:8]))}); use --force to remove anyway",
-                    file=sys.stderr,
-                )
-                return 1
-    removed = unlink(args.name)
+    removed, warnings = remove_pool(PoolNames(args.name), args.group, force=args.force)
+    for warning in warnings:
+        print(f"sharedpool cleanup: warning: {warning}", file=sys.stderr)
     print("\n".join(f"removed {path}" for path in removed) or f"nothing to remove for pool {args.name!r}")
     return 0
 

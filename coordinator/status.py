@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sharedpool.ledger import Snapshot, is_alive
+from sharedpool.ledger import Snapshot
 
 
 RATED = ("opened", "grants", "sheds", "waits", "timeouts")
@@ -16,13 +16,13 @@ def snapshot_dict(
     """Describe a snapshot; with an earlier one, add per-second rates (churn is ``opened``)."""
     now = time.time() if now is None else now
     before = {s.pid: s.counters for s in previous.slots} if previous is not None and elapsed > 0 else None
-    coordinator_alive = bool(snap.coordinator_pid) and is_alive(snap.coordinator_pid, snap.coordinator_start)
+    coordinator_alive = snap.coordinator_alive
     workers = []
     for s in snap.slots:
         workers.append(
             {
                 "pid": s.pid,
-                "alive": is_alive(s.pid, s.start_time),
+                "alive": s.alive,
                 "held": s.held,
                 "idle": s.idle,
                 "in_use": s.in_use,

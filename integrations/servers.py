@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from sharedpool import channel
 from sharedpool.config import ENV_PREFIX, PoolConfig
 from sharedpool.ledger import proc_stat
+from sharedpool.names import CONTROL_SOCKET, PoolNames
 
 log = logging.getLogger("sharedpool.integrations")
 
@@ -76,7 +77,7 @@ def running_coordinator(config: PoolConfig) -> int | None:
     Raises LedgerError when the ledger is foreign or its budget disagrees with POOL_SIZE.
     """
     from sharedpool.embedded import check_budget
-    from sharedpool.ledger import Ledger, is_alive
+    from sharedpool.ledger import Ledger
 
     if not Ledger.exists(config.name):
         return None
@@ -84,7 +85,7 @@ def running_coordinator(config: PoolConfig) -> int | None:
     check_budget(ledger, config)  # closes the ledger and raises on a mismatch
     try:
         header = ledger.header
-        if header.coordinator_pid and is_alive(header.coordinator_pid, header.coordinator_start):
+        if header.coordinator_pid and ledger.coordinator_alive():
             return header.coordinator_pid
         return None
     finally:
@@ -126,7 +127,7 @@ def notify_exit(names: list[str], pid: int) -> None:
     """Tell each pool's coordinator that worker ``pid`` exited, so its permits come back at once."""
     message = f"exit {pid}".encode()
     for name in names:
-        channel.send(channel.coordinator_address(name), message)
+        channel.send(PoolNames(name), CONTROL_SOCKET, message)
 
 
 # -- the worker ------------------------------------------------------------------------------------

@@ -2,18 +2,25 @@
 
 Runs in the worker (or in a server's master process). The coordinator is
 always a separate process, never a thread of the caller: it must outlive any
-one worker and never be forked along with one.
+one worker and never be forked along with one. It is detached (its own
+session, no stdin, its output in ``coordinator.log`` in the pool directory),
+so a pipe the caller writes to (``manage.py migrate | cat``) closes when the
+caller is done.
 """
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
 
 from .config import PoolConfig
-from .errors import LedgerError, PoolUnavailable
-from .ledger import Ledger, coordinator_ready
+from .errors import LedgerError, PoolPermissionError, PoolUnavailable
+from .ledger import Ledger
+from .names import PoolNames, open_directory, open_entry
+
+LOG_FILE = "coordinator.log"
 
 log = logging.getLogger("sharedpool")
 
@@ -36,12 +43,24 @@ def coordinator_command(config: PoolConfig, *extra: str) -> list[str]:
 
 def start_coordinator(config: PoolConfig, *extra: str) -> subprocess.Popen:
     """Start a coordinator process for ``config`` and wait until it serves its ledger."""
-    process = subprocess.Popen(
-        coordinator_command(config, *extra),
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-        close_fds=True,
-    )
+    names = PoolNames(config.name)
+    dir_fd = open_directory(names, config.group, create=True)
+    try:
+        log_fd = open_entry(names, dir_fd, LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, config.group,
+                            owner=os.fstat(dir_fd).st_uid)
+    finally:
+        os.close(dir_fd)
+    try:
+        process = subprocess.Popen(
+            coordinator_command(config, *extra),
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=log_fd,
+            start_new_session=True,
+            close_fds=True,
+        )
+    finally:
+        os.close(log_fd)
     _started.append(process)  # reaped later; dropping a running Popen warns
     deadline = time.monotonic() + START_TIMEOUT
     while not coordinator_ready(config.name, config.group):
@@ -49,7 +68,8 @@ def start_coordinator(config: PoolConfig, *extra: str) -> subprocess.Popen:
             if coordinator_ready(config.name, config.group):
                 break  # another coordinator won the race to create the ledger
             raise PoolUnavailable(
-                f"pool {config.name!r}: the coordinator exited with code {process.returncode} before creating the ledger"
+                f"pool {config.name!r}: the coordinator exited with code {process.returncode} before creating the "
+                f"ledger; see {names.path(LOG_FILE)}"
             )
         if time.monotonic() > deadline:
             process.kill()
@@ -66,6 +86,8 @@ def attach_or_start(config: PoolConfig) -> Ledger:
         try:
             ledger = Ledger.attach(config.name, group=config.group)
             break
+        except PoolPermissionError:
+            raise
         except LedgerError:
             if Ledger.exists(config.name):
                 if time.monotonic() < deadline:
@@ -89,6 +111,18 @@ def attach_or_start(config: PoolConfig) -> Ledger:
         log.warning("sharedpool: pool %r has no live coordinator; starting one to resume reclaim", config.name)
         start_coordinator(config, *EMBEDDED_ARGS)
     return ledger
+
+
+def coordinator_ready(name: str, group: str | None = None) -> bool:
+    """Tell whether a valid ledger exists and a live coordinator holds the pool's lock."""
+    try:
+        ledger = Ledger.attach(name, group=group)
+    except LedgerError:
+        return False
+    try:
+        return ledger.coordinator_alive()
+    finally:
+        ledger.close()
 
 
 def _reap() -> None:

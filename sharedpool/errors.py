@@ -17,6 +17,10 @@ class LedgerError(SharedPoolError):
     """The shared-memory ledger is missing, foreign, corrupted or of another version."""
 
 
+class PoolPermissionError(LedgerError):
+    """The pool's objects belong to someone else, or are open to more users than configured."""
+
+
 class PoolUnavailable(SharedPoolError, psycopg2.OperationalError):
     """No ledger exists for the pool and none could be started."""
 

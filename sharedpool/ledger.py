@@ -1,23 +1,26 @@
 """Lay out, create, attach and read the shared-memory ledger of one pool.
 
-Imported by workers and by the coordinator. The ledger is a fixed
-little-endian layout: a header, then one slot per worker process. A slot's
-accounting (held, inflight, waiting, counters, backends) is written only by
-its owner process, or by the coordinator once the owner is dead; the one
-exception is ``shed_requests``, a hint counter that waiting workers of other
-processes bump (pressure.py) and nobody relies on for accounting. Header
-fields are written by the coordinator, or under the registry lock (an
-``fcntl`` lock on the segment, released by the kernel if its holder dies).
+Imported by workers and by the coordinator. The ledger is a regular file in
+the pool's directory (names.py), mapped by every process: a fixed
+little-endian header, then one slot per worker process. A slot is written
+only by its owner's ``SlotAccount`` (account.py), or freed by the coordinator
+once the owner is dead. Header fields are published by the coordinator,
+which keeps its own copy of each and never trusts what it reads back;
+totals folded from freed slots are written under the registry lock.
+
+Nothing read from the mapping is trusted: the size is checked before mapping
+and the header before any slot is touched; each process keeps its own copy of
+the slot count; a slot's accounting carries a keyed check value, so the
+coordinator acts only on numbers their owner wrote.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import dataclasses
-import fcntl
-import grp
 import mmap
 import os
+import secrets
 import stat
 import threading
 import time
@@ -26,11 +29,29 @@ from collections.abc import Iterator
 import posix_ipc
 
 from .errors import LedgerError, SlotsExhausted
+from .names import (
+    COORDINATOR_BYTE,
+    LEDGER_FILE,
+    LOCK_FILE,
+    REGISTRY_BYTE,
+    SLOT_LOCK_BASE,
+    PoolNames,
+    byte_locked,
+    check_owned,
+    group_id,
+    lock_byte,
+    modes,
+    open_directory,
+    open_entry,
+    unlock_byte,
+)
 
-MAGIC = int.from_bytes(b"SHPOOL01", "little")
-LAYOUT_VERSION = 1
+MAGIC = int.from_bytes(b"SHPOOL02", "little")
+LAYOUT_VERSION = 2
 DEFAULT_SLOTS = 256
+MAX_SLOTS = 65536
 MAX_BACKENDS = 64  # backend pids one slot tracks: also the ceiling of MAX_PER_PROCESS (config.py)
+MAX_BUDGET = 100_000
 
 SLOT_FREE = 0
 SLOT_ACTIVE = 1
@@ -50,11 +71,14 @@ class Header(ctypes.LittleEndianStructure):
         ("budget", _u32),
         ("slot_hwm", _u32),
         ("epoch", _u64),
+        ("token", _u64),  # random per creation: names the semaphore, keys the slot checks
         ("coordinator_pid", _i32),
-        ("physical", _u32),  # permits in circulation; the coordinator retires the excess after a cut
+        ("physical", _u32),  # permits in circulation; above the budget while a cut is retired
         ("coordinator_start", _u64),
         ("heartbeat", _f64),
         ("created", _f64),
+        ("retire_debt", _u32),  # permits a returning worker keeps instead of posting (budget cut)
+        ("hold", _u32),  # nonzero: waiters poll instead of blocking, so the coordinator can count exactly
         # totals folded in from freed slots (under the registry lock)
         ("grants", _u64),
         ("releases", _u64),
@@ -64,30 +88,35 @@ class Header(ctypes.LittleEndianStructure):
         ("sheds", _u64),
         ("opened", _u64),
         ("closed", _u64),
+        ("retired", _u64),
         # coordinator-only counters
         ("reclaimed_permits", _u64),
         ("reclaimed_workers", _u64),
         ("audit_fixes", _u64),
         ("reloads", _u64),
+        ("dropped_messages", _u64),
     ]
 
 
 class Slot(ctypes.LittleEndianStructure):
     _fields_ = [
-        ("pid", _i32),
+        ("pid", _i32),  # as the owner sees it, in its own PID namespace
         ("state", _u32),
         ("start_time", _u64),
+        ("pid_ns", _u64),  # inode of the owner's PID namespace
+        ("check", _u32),  # keyed check of pid, held, inflight, waiting (account.seal)
         ("inflight", _u32),  # permit operations under way: each may hold one permit
         ("held", _u32),
         ("idle", _u32),
         ("in_use", _u32),
-        ("waiting", _u32),
+        ("waiting", _u32),  # threads waiting for a permit
+        ("local_waiting", _u32),  # threads queued inside the process (MAX_PER_PROCESS)
         ("flags", _u32),
         ("connecting", _u32),  # connects under way: their backends are not yet recorded
-        ("reserved", _u32),
+        ("retired", _u32),
         ("wait_since", _f64),
         ("idle_since", _f64),  # when the least recently used idle connection went idle
-        ("shed_requests", _u64),
+        ("shed_received", _u64),
         ("sheds", _u64),
         ("grants", _u64),
         ("releases", _u64),
@@ -100,21 +129,29 @@ class Slot(ctypes.LittleEndianStructure):
     ]
 
 
-SUMMED_COUNTERS = ("grants", "releases", "timeouts", "waits", "wait_ms", "sheds", "opened", "closed")
-
-
-def ipc_names(name: str) -> tuple[str, str]:
-    """Return the (shared memory, semaphore) names of a pool."""
-    return f"/sharedpool.{name}", f"/sharedpool.{name}"
-
-
-def lock_path(name: str) -> str:
-    """Return the file a pool's coordinator holds an exclusive ``flock`` on for its whole life."""
-    return f"/dev/shm/sharedpool.{name}.lock"
+SUMMED_COUNTERS = ("grants", "releases", "timeouts", "waits", "wait_ms", "sheds", "opened", "closed", "retired")
+HEADER_SIZE = ctypes.sizeof(Header)
+SLOT_SIZE = ctypes.sizeof(Slot)
 
 
 def segment_size(nslots: int) -> int:
-    return ctypes.sizeof(Header) + nslots * ctypes.sizeof(Slot)
+    return HEADER_SIZE + nslots * SLOT_SIZE
+
+
+def seal(key: int, pid: int, held: int, inflight: int, waiting: int) -> int:
+    """The check value of a slot's permit accounting; random bytes match it once in 2**32."""
+    return (key ^ pid * 0x9E3779B1 ^ held * 0x85EBCA77 ^ inflight * 0xC2B2AE3D ^ waiting * 0x27D4EB2F) & 0xFFFFFFFF
+
+
+def slot_key(token: int, start_time: int) -> int:
+    return (token ^ token >> 32 ^ start_time * 0x165667B1) & 0xFFFFFFFF
+
+
+def sealed(token: int, slot: Slot) -> bool:
+    return slot.check == seal(slot_key(token, slot.start_time), slot.pid, slot.held, slot.inflight, slot.waiting)
+
+
+# -- processes -------------------------------------------------------------------------
 
 
 def proc_stat(pid: int) -> list[bytes] | None:
@@ -137,7 +174,7 @@ def process_start_time(pid: int) -> int | None:
 
 
 def is_alive(pid: int, start_time: int) -> bool:
-    """Tell whether the process that registered as (pid, start_time) still runs.
+    """Tell whether the process that registered as (pid, start_time) still runs (in our PID namespace).
 
     A zombie (exited, not yet reaped by its parent) is dead: the kernel has
     already closed its descriptors, so its connections are gone.
@@ -146,21 +183,31 @@ def is_alive(pid: int, start_time: int) -> bool:
     return fields is not None and fields[0] not in (b"Z", b"X") and int(fields[19]) == start_time
 
 
+def pid_namespace() -> int:
+    """The inode of this process's PID namespace: pids mean something only inside one."""
+    return os.stat("/proc/self/ns/pid").st_ino
+
+
 @dataclasses.dataclass(frozen=True)
 class SlotView:
     index: int
     pid: int
     start_time: int
+    pid_ns: int
+    alive: bool  # its owner holds the slot's lock
+    verified: bool  # the permit accounting carries its owner's check value
     inflight: int
     held: int
     idle: int
     in_use: int
     waiting: int
+    local_waiting: int
     wait_since: float
     idle_since: float
     flags: int
     connecting: int
-    shed_requests: int
+    retired: int
+    shed_received: int
     counters: dict[str, float]
     backends: tuple[int, ...]
 
@@ -174,8 +221,10 @@ class Snapshot:
     epoch: int
     coordinator_pid: int
     coordinator_start: int
+    coordinator_alive: bool
     heartbeat: float
     physical: int
+    retire_debt: int
     reloads: int
     nslots: int
     slots: tuple[SlotView, ...]
@@ -202,107 +251,140 @@ class Snapshot:
 
 
 class Ledger:
-    """A mapped ledger and its semaphore. Open lazily, in the process that uses it."""
+    """A mapped ledger, its lock file and its semaphore. Open lazily, in the process that uses it."""
 
-    def __init__(self, name: str, shm: posix_ipc.SharedMemory, sem: posix_ipc.Semaphore) -> None:
-        self.name = name
+    def __init__(self, names: PoolNames, dir_fd: int, fd: int, locks_fd: int, sem: posix_ipc.Semaphore,
+                 nslots: int, token: int, group: str | None) -> None:
+        self.names = names
+        self.name = names.name
+        self.group = group
+        self.dir_fd = dir_fd
         self.sem = sem
-        self._fd = shm.fd
-        self._inode = os.fstat(self._fd).st_ino
-        self._map = mmap.mmap(shm.fd, shm.size)
+        self.nslots = nslots  # our own copy: the header's may be overwritten by anyone
+        self.token = token
+        self.size = segment_size(nslots)
+        self._fd = fd
+        self.locks_fd = locks_fd
+        self._inode = os.fstat(fd).st_ino
+        self._owner = os.fstat(dir_fd).st_uid
+        self._map = mmap.mmap(fd, self.size)
         self.header = Header.from_buffer(self._map)
-        self.slots = (Slot * self.header.nslots).from_buffer(self._map, ctypes.sizeof(Header))
+        self.slots = (Slot * nslots).from_buffer(self._map, HEADER_SIZE)
         self._thread_lock = threading.Lock()
         self._old_sems: list[posix_ipc.Semaphore] = []
-        self._sem_inode = _sem_inode(name)
+        self._sem_inode = _inode(names.semaphore_path(token))
 
     # -- creation and attachment -------------------------------------------------
 
     @classmethod
-    def create(cls, name: str, budget: int, *, nslots: int = DEFAULT_SLOTS, group: str | None = None) -> "Ledger":
-        """Create the semaphore and the segment exclusively (coordinator only)."""
-        shm_name, sem_name = ipc_names(name)
-        mode = 0o660 if group else 0o600
-        gid = group_id(group) if group else -1  # a bad GROUP fails before anything exists
-        sem = posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=mode, initial_value=budget)
+    def create(cls, name: str, budget: int, *, nslots: int = DEFAULT_SLOTS, group: str | None = None,
+               dir_fd: int | None = None) -> "Ledger":
+        """Create the ledger file and a semaphore with a fresh token (coordinator, under its lock).
+
+        Raises FileExistsError when a ledger file is already there (adopt it instead).
+        """
+        names = PoolNames(name)
+        own_dir = dir_fd is None
+        if own_dir:
+            dir_fd = open_directory(names, group, create=True)
+        owner = os.fstat(dir_fd).st_uid
+        fd = locks_fd = -1
+        sem = None
         try:
-            shm = posix_ipc.SharedMemory(shm_name, posix_ipc.O_CREX, mode=mode, size=segment_size(nslots))
+            fd = open_entry(names, dir_fd, LEDGER_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL, group, owner=owner)
+            locks_fd = open_entry(names, dir_fd, LOCK_FILE, os.O_RDWR | os.O_CREAT, group, owner=owner)
+            os.ftruncate(fd, segment_size(nslots))
+            token = secrets.randbits(64) or 1
+            sem = posix_ipc.Semaphore(names.semaphore(token), posix_ipc.O_CREX, mode=modes(group)[1],
+                                      initial_value=budget)
+            _fix_semaphore_mode(names, token, group)
+            header = Header(
+                version=LAYOUT_VERSION, header_size=HEADER_SIZE, slot_size=SLOT_SIZE, nslots=nslots,
+                budget=budget, physical=budget, epoch=1, token=token, created=time.time(),
+            )
+            os.pwrite(fd, bytes(header), 0)
+            # the magic last: readers trust nothing before it is there
+            os.pwrite(fd, MAGIC.to_bytes(8, "little"), Header.magic.offset)
+            return cls(names, dir_fd, fd, locks_fd, sem, nslots, token, group)
         except BaseException:
-            sem.unlink()
-            sem.close()
+            if sem is not None:
+                sem.unlink()
+                sem.close()
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.unlink(LEDGER_FILE, dir_fd=dir_fd)
+                os.close(fd)
+            if locks_fd >= 0:
+                os.close(locks_fd)
+            if own_dir:
+                os.close(dir_fd)
             raise
-        if gid != -1:
-            os.fchown(shm.fd, -1, gid)
-            os.chown(f"/dev/shm/sem.{sem_name[1:]}", -1, gid)
-        header = Header(
-            version=LAYOUT_VERSION,
-            header_size=ctypes.sizeof(Header),
-            slot_size=ctypes.sizeof(Slot),
-            nslots=nslots,
-            budget=budget,
-            physical=budget,
-            epoch=1,
-            created=time.time(),
-        )
-        os.pwrite(shm.fd, bytes(header), 0)
-        # the magic last: readers trust nothing before it is there
-        os.pwrite(shm.fd, MAGIC.to_bytes(ctypes.sizeof(_u64), "little"), Header.magic.offset)
-        return cls(name, shm, sem)
 
     @classmethod
     def attach(cls, name: str, *, group: str | None = None) -> "Ledger":
         """Open an existing ledger and validate it before trusting any field."""
-        shm_name, sem_name = ipc_names(name)
-        path = f"/dev/shm/{shm_name[1:]}"
+        names = PoolNames(name)
+        dir_fd = open_directory(names, group, create=False)
+        fd = locks_fd = -1
         try:
-            shm = posix_ipc.SharedMemory(shm_name)
-        except posix_ipc.ExistentialError:
-            raise LedgerError(f"pool {name!r}: no ledger at {path} (is the coordinator running?)") from None
-        except posix_ipc.PermissionsError:
-            raise LedgerError(f"pool {name!r}: no permission to open {path}") from None
-        try:
-            validate_segment(name, shm.fd, path, group)
+            owner = os.fstat(dir_fd).st_uid
             try:
-                sem = posix_ipc.Semaphore(sem_name)
-            except posix_ipc.ExistentialError:
-                raise LedgerError(
-                    f"pool {name!r}: ledger {path} exists but its semaphore /dev/shm/sem.{sem_name[1:]} is missing"
-                ) from None
-            return cls(name, shm, sem)
+                fd = open_entry(names, dir_fd, LEDGER_FILE, os.O_RDWR, group, owner=owner)
+            except FileNotFoundError:
+                raise LedgerError(f"pool {name!r}: no ledger in {names.directory} (is the coordinator running?)") from None
+            header = validate_segment(names, fd)
+            locks_fd = open_entry(names, dir_fd, LOCK_FILE, os.O_RDWR, group, owner=owner)
+            sem = open_semaphore(names, header.token, group, owner)
+            return cls(names, dir_fd, fd, locks_fd, sem, header.nslots, header.token, group)
+        except FileNotFoundError as exc:
+            raise LedgerError(f"pool {name!r}: {exc.filename or 'a file'} vanished while attaching") from None
         except BaseException:
-            os.close(shm.fd)
+            for handle in (fd, locks_fd, dir_fd):
+                if handle >= 0:
+                    os.close(handle)
             raise
 
     @classmethod
     def exists(cls, name: str) -> bool:
-        return os.path.exists(f"/dev/shm/{ipc_names(name)[0][1:]}")
+        return os.path.lexists(PoolNames(name).path(LEDGER_FILE))
 
     def is_current(self) -> bool:
-        """Tell whether the name still points at this segment (not unlinked and recreated)."""
+        """Tell whether the name still points at this ledger (not removed, not recreated)."""
         try:
-            return os.stat(f"/dev/shm/{ipc_names(self.name)[0][1:]}").st_ino == self._inode
+            return os.stat(self.names.path(LEDGER_FILE), follow_symlinks=False).st_ino == self._inode
         except FileNotFoundError:
             return False
+
+    def intact(self) -> bool:
+        """Tell whether the file still covers our mapping (touching a truncated page is SIGBUS)."""
+        return os.fstat(self._fd).st_size >= self.size
+
+    def restore_size(self) -> None:
+        """Grow a truncated ledger back to its size (coordinator); lost pages come back as zeros."""
+        os.ftruncate(self._fd, self.size)
 
     def reopen_semaphore(self) -> posix_ipc.Semaphore:
         """Follow the semaphore name to the object a coordinator recreated; return the current one.
 
         The old handle stays open: another thread may be blocked on it.
         """
-        inode = _sem_inode(self.name)
+        inode = _inode(self.names.semaphore_path(self.token))
         if inode is None or inode == self._sem_inode:
             return self.sem
         try:
-            sem = posix_ipc.Semaphore(ipc_names(self.name)[1])
-        except posix_ipc.Error:
+            sem = open_semaphore(self.names, self.token, self.group, self._owner)
+        except LedgerError:
             return self.sem
         self._old_sems.append(self.sem)
         self.sem, self._sem_inode = sem, inode
         return sem
 
     def after_fork_in_child(self) -> None:
-        """The mapping stays valid; a lock another thread held at fork would not."""
+        """Take our own lock-file description: the inherited one is shared with the parent's locks."""
         self._thread_lock = threading.Lock()
+        old, self.locks_fd = self.locks_fd, os.open(
+            LOCK_FILE, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        os.close(old)  # the parent's description (and its locks) lives on in the parent
 
     # -- registry ----------------------------------------------------------------
 
@@ -310,100 +392,107 @@ class Ledger:
     def registry_lock(self) -> Iterator[None]:
         """Serialise slot claims, frees and header totals across processes and threads."""
         with self._thread_lock:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX)
+            lock_byte(self.locks_fd, REGISTRY_BYTE, wait=True)
             try:
                 yield
             finally:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN)
+                unlock_byte(self.locks_fd, REGISTRY_BYTE)
 
-    def claim_slot(self, pid: int, start_time: int) -> int:
-        """Take a free slot, or one whose dead owner holds nothing; return its index."""
+    def claim_slot(self, pid: int, start_time: int, pid_ns: int) -> int:
+        """Take a free slot (its lock byte free and nothing recorded in it); return its index.
+
+        Taking the slot's lock is the claim: it stays held for the life of
+        this process, and the kernel drops it when the process dies.
+        """
         with self.registry_lock():
             header = self.header
-            for index in range(header.nslots):
+            for index in range(self.nslots):
+                if not lock_byte(self.locks_fd, SLOT_LOCK_BASE + index):
+                    continue  # a live owner
                 slot = self.slots[index]
-                if slot.state == SLOT_ACTIVE:
-                    if slot.held or slot.inflight or is_alive(slot.pid, slot.start_time):
-                        continue
-                    self._retire(slot)
-                ctypes.memset(ctypes.addressof(slot), 0, ctypes.sizeof(Slot))
+                if slot.state != SLOT_FREE and (slot.held or slot.inflight or slot.connecting):
+                    unlock_byte(self.locks_fd, SLOT_LOCK_BASE + index)  # dead, not yet reclaimed
+                    continue
+                self._retire(slot)
                 slot.pid = pid
                 slot.start_time = start_time
+                slot.pid_ns = pid_ns
                 slot.state = SLOT_ACTIVE
-                if index >= header.slot_hwm:
-                    header.slot_hwm = index + 1
+                if not index < header.slot_hwm <= self.nslots:
+                    header.slot_hwm = max(index + 1, min(header.slot_hwm, self.nslots))
                 return index
-        raise SlotsExhausted(f"pool {self.name!r}: all {self.header.nslots} worker slots are taken")
+        raise SlotsExhausted(f"pool {self.name!r}: all {self.nslots} worker slots are taken")
 
     def free_slot(self, index: int) -> None:
-        """Fold the slot's counters into the header and free it."""
+        """Fold the slot's counters into the header, free it and drop its lock (its owner, at exit)."""
         with self.registry_lock():
+            self._retire(self.slots[index])
+            unlock_byte(self.locks_fd, SLOT_LOCK_BASE + index)
+
+    def retire_dead_slot(self, index: int) -> None:
+        """Free the slot of a dead owner (coordinator, under the registry lock, its permits dealt with)."""
+        if not self.slot_alive(index):
             self._retire(self.slots[index])
 
     def _retire(self, slot: Slot) -> None:
         header = self.header
         for counter in SUMMED_COUNTERS:
             setattr(header, counter, getattr(header, counter) + getattr(slot, counter))
-        ctypes.memset(ctypes.addressof(slot), 0, ctypes.sizeof(Slot))
+        ctypes.memset(ctypes.addressof(slot), 0, SLOT_SIZE)
+
+    def slot_alive(self, index: int) -> bool:
+        """Tell whether a live process holds slot ``index`` (any PID namespace)."""
+        return byte_locked(self.locks_fd, SLOT_LOCK_BASE + index)
+
+    def coordinator_alive(self) -> bool:
+        return byte_locked(self.locks_fd, COORDINATOR_BYTE)
+
+    def scan_limit(self) -> int:
+        """How many slots to scan: the published high-water mark, never past our own slot count."""
+        hwm = self.header.slot_hwm
+        return hwm if hwm <= self.nslots else self.nslots
 
     # -- reading -------------------------------------------------------------------
 
     def read_slot(self, index: int) -> Slot:
         """Copy one slot, repeating until two reads agree."""
-        size = ctypes.sizeof(Slot)
-        offset = ctypes.sizeof(Header) + index * size
-        data = self._map[offset : offset + size]
+        offset = HEADER_SIZE + index * SLOT_SIZE
+        data = self._map[offset : offset + SLOT_SIZE]
         for _ in range(1000):
-            again = self._map[offset : offset + size]
+            again = self._map[offset : offset + SLOT_SIZE]
             if again == data:
                 break
             data = again
         return Slot.from_buffer_copy(data)
 
     def raw_slots(self) -> bytes:
-        start = ctypes.sizeof(Header)
-        return self._map[start : start + self.header.slot_hwm * ctypes.sizeof(Slot)]
+        return self._map[HEADER_SIZE : HEADER_SIZE + self.nslots * SLOT_SIZE]
 
     def snapshot(self) -> Snapshot:
-        header = Header.from_buffer_copy(self._map[: ctypes.sizeof(Header)])
+        header = Header.from_buffer_copy(self._map[:HEADER_SIZE])
         views = []
         totals = {counter: getattr(header, counter) for counter in SUMMED_COUNTERS}
-        for index in range(header.slot_hwm):
+        for index in range(self.nslots):
             slot = self.read_slot(index)
-            if slot.state != SLOT_ACTIVE:
+            alive = self.slot_alive(index)
+            if slot.state == SLOT_FREE and not alive:
                 continue
             counters = {counter: getattr(slot, counter) for counter in SUMMED_COUNTERS}
             for counter, value in counters.items():
                 totals[counter] += value
-            views.append(
-                SlotView(
-                    index=index,
-                    pid=slot.pid,
-                    start_time=slot.start_time,
-                    inflight=slot.inflight,
-                    held=slot.held,
-                    idle=slot.idle,
-                    in_use=slot.in_use,
-                    waiting=slot.waiting,
-                    wait_since=slot.wait_since,
-                    idle_since=slot.idle_since,
-                    flags=slot.flags,
-                    connecting=slot.connecting,
-                    shed_requests=slot.shed_requests,
-                    counters=counters,
-                    backends=tuple(pid for pid in slot.backends if pid),
-                )
-            )
+            views.append(view_of(index, slot, alive, sealed(self.token, slot)))
         return Snapshot(
             name=self.name,
             budget=header.budget,
             epoch=header.epoch,
             coordinator_pid=header.coordinator_pid,
             coordinator_start=header.coordinator_start,
+            coordinator_alive=self.coordinator_alive(),
             heartbeat=header.heartbeat,
             physical=header.physical,
+            retire_debt=header.retire_debt,
             reloads=header.reloads,
-            nslots=header.nslots,
+            nslots=self.nslots,
             slots=tuple(views),
             totals=totals,
             reclaimed_permits=header.reclaimed_permits,
@@ -419,110 +508,95 @@ class Ledger:
         self.header = self.slots = None
         with contextlib.suppress(BufferError, ValueError):
             self._map.close()
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        for fd in (self._fd, self.locks_fd, self.dir_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
         with contextlib.suppress(posix_ipc.ExistentialError):
             self.sem.close()
 
-    def unlink(self) -> None:
-        """Remove the names; mapped processes keep their mapping until they close it."""
-        unlink(self.name)
+    def unlink_own(self) -> list[str]:
+        """Remove this ledger's objects, but only while the names still point at them."""
+        removed = []
+        if self.is_current():
+            for entry in os.listdir(self.dir_fd):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry, dir_fd=self.dir_fd)
+            with contextlib.suppress(OSError):
+                os.rmdir(self.names.directory)
+                removed.append(self.names.directory)
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            posix_ipc.unlink_semaphore(self.names.semaphore(self.token))
+            removed.append(self.names.semaphore_path(self.token))
+        return removed
 
 
-def unlink(name: str) -> list[str]:
-    """Remove a pool's segment, semaphore and coordinator lock file; return those that existed.
-
-    A coordinator that still runs keeps its lock on the removed file: only
-    remove the names of a pool whose coordinator is gone (or is exiting).
-    """
-    shm_name, sem_name = ipc_names(name)
-    removed = []
-    with contextlib.suppress(posix_ipc.ExistentialError):
-        posix_ipc.unlink_shared_memory(shm_name)
-        removed.append(f"/dev/shm/{shm_name[1:]}")
-    with contextlib.suppress(posix_ipc.ExistentialError):
-        posix_ipc.unlink_semaphore(sem_name)
-        removed.append(f"/dev/shm/sem.{sem_name[1:]}")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(lock_path(name))
-        removed.append(lock_path(name))
-    return removed
+def view_of(index: int, slot: Slot, alive: bool, verified: bool) -> SlotView:
+    return SlotView(
+        index=index, pid=slot.pid, start_time=slot.start_time, pid_ns=slot.pid_ns, alive=alive,
+        verified=verified, inflight=slot.inflight, held=slot.held, idle=slot.idle, in_use=slot.in_use,
+        waiting=slot.waiting, local_waiting=slot.local_waiting, wait_since=slot.wait_since,
+        idle_since=slot.idle_since, flags=slot.flags, connecting=slot.connecting, retired=slot.retired,
+        shed_received=slot.shed_received,
+        counters={counter: getattr(slot, counter) for counter in SUMMED_COUNTERS},
+        backends=tuple(pid for pid in slot.backends if pid > 0),
+    )
 
 
-def permit_counts(raw_slots: bytes) -> tuple[int, int, int, tuple]:
-    """Sum held, inflight and blocked waiters of the active slots, and key their accounting state.
-
-    The key holds only the fields permit operations change (and the slot's
-    owner), not hints such as shed requests, so it stays equal while no
-    permit moves.
-    """
-    held = inflight = waiting = 0
-    key = []
-    for offset in range(0, len(raw_slots), ctypes.sizeof(Slot)):
-        slot = Slot.from_buffer_copy(raw_slots, offset)
-        if slot.state == SLOT_ACTIVE:
-            held += slot.held
-            inflight += slot.inflight
-            waiting += slot.waiting
-            key.append((slot.pid, slot.start_time, slot.held, slot.inflight, slot.waiting, slot.grants, slot.releases))
-        else:
-            key.append(None)
-    return held, inflight, waiting, tuple(key)
-
-
-def validate_segment(name: str, fd: int, path: str, group: str | None = None) -> None:
-    """Refuse a segment that is foreign, truncated, of another version or wrongly owned."""
-    info = os.fstat(fd)
-    euid = os.geteuid()
-    if info.st_uid != euid and euid != 0:
-        allowed = group is not None and info.st_gid == group_id(group) and info.st_mode & stat.S_IRWXG
-        if not allowed:
-            raise LedgerError(
-                f"pool {name!r}: {path} is owned by uid {info.st_uid}, not by this user (uid {euid}); "
-                "set GROUP to share a pool between users"
-            )
-    head = ctypes.sizeof(Header)
-    if info.st_size < head:
-        raise LedgerError(f"pool {name!r}: {path} is truncated ({info.st_size} bytes, header needs {head})")
-    header = Header.from_buffer_copy(os.pread(fd, head, 0))
+def validate_segment(names: PoolNames, fd: int) -> Header:
+    """Refuse a ledger file that is foreign, truncated or of another version; return its header."""
+    path = names.path(LEDGER_FILE)
+    size = os.fstat(fd).st_size
+    if size < HEADER_SIZE:
+        raise LedgerError(f"pool {names.name!r}: {path} is truncated ({size} bytes, the header needs {HEADER_SIZE})")
+    header = Header.from_buffer_copy(os.pread(fd, HEADER_SIZE, 0))
     if header.magic != MAGIC:
-        raise LedgerError(f"pool {name!r}: {path} is not a sharedpool ledger (bad magic {header.magic:#018x})")
+        raise LedgerError(f"pool {names.name!r}: {path} is not a sharedpool ledger (bad magic {header.magic:#018x})")
     if header.version != LAYOUT_VERSION:
         raise LedgerError(
-            f"pool {name!r}: {path} has layout version {header.version}, this sharedpool reads version {LAYOUT_VERSION}"
+            f"pool {names.name!r}: {path} has layout version {header.version}, this sharedpool reads version {LAYOUT_VERSION}"
         )
-    if header.header_size != head or header.slot_size != ctypes.sizeof(Slot):
-        raise LedgerError(f"pool {name!r}: {path} has header/slot sizes {header.header_size}/{header.slot_size}, expected {head}/{ctypes.sizeof(Slot)}")
-    if not 0 < header.nslots <= 65536 or info.st_size < segment_size(header.nslots):
-        raise LedgerError(
-            f"pool {name!r}: {path} is truncated or corrupt ({header.nslots} slots, {info.st_size} bytes)"
-        )
-    if header.budget == 0 or header.slot_hwm > header.nslots:
-        raise LedgerError(f"pool {name!r}: {path} is corrupt (budget {header.budget}, slot_hwm {header.slot_hwm})")
+    if header.header_size != HEADER_SIZE or header.slot_size != SLOT_SIZE:
+        raise LedgerError(f"pool {names.name!r}: {path} has header/slot sizes {header.header_size}/"
+                          f"{header.slot_size}, expected {HEADER_SIZE}/{SLOT_SIZE}")
+    if not 0 < header.nslots <= MAX_SLOTS or size < segment_size(header.nslots):
+        raise LedgerError(f"pool {names.name!r}: {path} is truncated or corrupt ({header.nslots} slots, {size} bytes)")
+    if not 0 < header.budget <= MAX_BUDGET or header.token == 0:
+        raise LedgerError(f"pool {names.name!r}: {path} is corrupt (budget {header.budget}, token {header.token:#x})")
+    return header
 
 
-def _sem_inode(name: str) -> int | None:
+def open_semaphore(names: PoolNames, token: int, group: str | None, owner: int) -> posix_ipc.Semaphore:
+    """Open the pool's semaphore after proving its file is the owner's and no wider than configured."""
+    path = names.semaphore_path(token)
     try:
-        return os.stat(f"/dev/shm/sem.{ipc_names(name)[1][1:]}").st_ino
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise LedgerError(f"pool {names.name!r}: the ledger's semaphore {path} is missing") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise LedgerError(f"pool {names.name!r}: {path} is not a semaphore file")
+    check_owned(names.name, info, path, group, owner)
+    try:
+        return posix_ipc.Semaphore(names.semaphore(token))
+    except posix_ipc.PermissionsError:
+        raise LedgerError(f"pool {names.name!r}: no permission to open {path}") from None
+    except posix_ipc.ExistentialError:
+        raise LedgerError(f"pool {names.name!r}: the ledger's semaphore {path} is missing") from None
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
     except FileNotFoundError:
         return None
 
 
-def group_id(group: str) -> int:
+def _fix_semaphore_mode(names: PoolNames, token: int, group: str | None) -> None:
+    """Set the semaphore file's mode and group whatever the umask (sem_open applies it)."""
+    path = names.semaphore_path(token)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise LedgerError(f"GROUP {group!r} is not a group on this host") from None
-
-
-def coordinator_ready(name: str, group: str | None = None) -> bool:
-    """Tell whether a valid ledger exists and a live coordinator has claimed it."""
-    try:
-        ledger = Ledger.attach(name, group=group)
-    except LedgerError:
-        return False
-    try:
-        header = ledger.header
-        return bool(header.coordinator_pid) and is_alive(header.coordinator_pid, header.coordinator_start)
+        os.fchmod(fd, modes(group)[1])
+        if group:
+            os.fchown(fd, -1, group_id(group))
     finally:
-        ledger.close()
+        os.close(fd)

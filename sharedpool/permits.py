@@ -1,101 +1,65 @@
-"""Take and give back permits of the per-host budget, recorded in the caller's slot.
+"""Wait for permits of the per-host budget; the accounting itself lives in account.py.
 
-Runs in the worker. The order makes a crash leak, never over-grant: a permit
-is counted in ``inflight`` before the semaphore moves and in ``held`` only
-after; ``held`` drops before the semaphore is posted. The coordinator returns
-``held`` of a dead worker; its ``inflight`` operations are left to the audit,
-which counts each one as holding a permit.
+Runs in the worker. A waiting thread blocks on the semaphore in slices, so
+it notices a recreated semaphore, a hold and its own deadline. While the
+coordinator holds the pool (``header.hold``, raised to count exactly after
+a worker died mid-operation) waiters poll instead of blocking: a thread
+between two tries holds nothing, so the coordinator's count can be exact.
 """
 from __future__ import annotations
 
-import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 
 import posix_ipc
 
+from .account import SlotAccount
 from .errors import PoolTimeout
-from .ledger import Ledger, Slot, process_start_time
+from .ledger import Ledger
 
-WAIT_SLICE = 2.0  # seconds per blocking wait: a long wait keeps our place in the kernel queue
-POLL_FIRST, POLL_MAX = 0.001, 0.05  # gevent: seconds between tries, doubling up to the maximum
+WAIT_SLICE = 0.5  # seconds per blocking wait: a hold takes effect within one slice
+POLL_FIRST, POLL_MAX = 0.001, 0.05  # seconds between tries when polling, doubling up to the maximum
 
 
 class PermitGate:
-    """Take and give back permits for this process.
+    """Take and give back permits for this process; one per (process, pool).
 
-    Runs in the worker; one per (process, pool), registered once. A forked
-    child never uses its parent's gate: it builds and registers a new one, so
-    it gets a fresh slot and nothing of the parent's carries over.
+    A forked child never uses its parent's gate: it builds a new one, so it
+    gets a fresh slot and nothing of the parent's carries over.
     """
 
-    def __init__(self, ledger: Ledger, on_pressure: Callable[[], None] | None = None) -> None:
+    def __init__(self, ledger: Ledger, pid: int, on_pressure: Callable[[], None] | None = None) -> None:
         self.ledger = ledger
         self.name = ledger.name
         self.on_pressure = on_pressure
-        self._sem = ledger.sem
+        self.account = SlotAccount(ledger, pid)
         self._header = ledger.header
+        self._sem = ledger.sem
         self._epoch = ledger.header.epoch
-        self._lock = threading.Lock()
-        self.slot: Slot | None = None
-        self.slot_index = -1
-        self.pid = 0
 
-    def register(self) -> None:
-        """Claim a slot for this process."""
-        self.pid = os.getpid()
-        self.slot_index = self.ledger.claim_slot(self.pid, process_start_time(self.pid) or 0)
-        self.slot = self.ledger.slots[self.slot_index]
+    @property
+    def slot_index(self) -> int:
+        return self.account.index
 
-    def deregister(self) -> None:
-        """Give back every recorded permit and free the slot (normal exit)."""
-        slot = self.slot
-        if slot is None or self.pid != os.getpid():
-            return
-        with self._lock:
-            count = slot.held
-            slot.inflight += count
-            slot.held = 0
-            slot.releases += count
-        sem = self._current_sem()
-        for _ in range(count):
-            sem.release()
-        with self._lock:
-            slot.inflight -= count
-        self.ledger.free_slot(self.slot_index)
-        self.slot = None
+    def deregister(self) -> int:
+        """Give back every permit this process took and free the slot (normal exit)."""
+        return self.account.deregister(self._current_sem())
 
     def _current_sem(self) -> posix_ipc.Semaphore:
         """The semaphore to use; after an epoch change (adoption, reload) it may have been recreated."""
-        epoch = self._header.epoch
-        if epoch != self._epoch:
-            self._epoch = epoch
-            ledger = self.ledger
-            self._sem = ledger.sem if ledger.sem is not self._sem else ledger.reopen_semaphore()
+        if self._header.epoch != self._epoch:
+            self._epoch = self._header.epoch
+            self._sem = self.ledger.reopen_semaphore()
         return self._sem
 
     def try_acquire(self) -> bool:
-        """Take a permit if one is free right now.
+        """Take a permit if one is free right now."""
+        return self.account.try_take(self._sem if self._header.epoch == self._epoch else self._current_sem())
 
-        The lock is held across the non-blocking semaphore call: one lock
-        round trip instead of two, and the crash order is unchanged
-        (``inflight`` is written before the semaphore moves).
-        """
-        slot = self.slot
-        sem = self._sem if self._header.epoch == self._epoch else self._current_sem()
-        with self._lock:
-            slot.inflight += 1
-            try:
-                sem.acquire(0)
-            except posix_ipc.BusyError:
-                slot.inflight -= 1
-                return False
-            slot.held += 1
-            slot.grants += 1
-            slot.inflight -= 1
-        return True
+    def release(self) -> bool:
+        """Give one permit back; False if this process holds none (nothing is posted)."""
+        return self.account.give(self._sem if self._header.epoch == self._epoch else self._current_sem())
 
     def acquire(
         self,
@@ -114,15 +78,13 @@ class PermitGate:
         """
         if self.try_acquire():
             return True
-        slot = self.slot
+        account, header = self.account, self._header
         start = time.monotonic()
         deadline = start + timeout
-        with self._lock:
-            slot.inflight += 1
-            if slot.waiting == 0:
-                slot.wait_since = time.time()
-            slot.waiting += 1
-        acquired = gave_up = False
+        polling = _must_poll() or bool(header.hold)
+        account.begin_wait(blocking=not polling)
+        acquired = taken = gave_up = False
+        delay = POLL_FIRST
         try:
             while True:
                 if self.on_pressure is not None:
@@ -130,40 +92,31 @@ class PermitGate:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                if wait_for_permit(self._current_sem(), min(remaining, wait_slice)):
-                    acquired = True
+                hold = bool(header.hold) or _must_poll()
+                if hold != polling:
+                    polling = hold
+                    account.switch_wait(blocking=not polling)
+                    delay = POLL_FIRST
+                if polling:
+                    if account.try_take(self._current_sem()):
+                        taken = True  # recorded by try_take
+                        break
+                    _sleep(min(delay, remaining, wait_slice))
+                    delay = min(delay * 2, POLL_MAX)
+                elif _sem_wait(self._current_sem(), min(remaining, wait_slice)):
+                    acquired = True  # recorded by end_wait below
                     break
                 if give_up is not None and give_up():
                     gave_up = True
                     break
         finally:
-            waited_ms = (time.monotonic() - start) * 1000.0
-            with self._lock:
-                slot.waiting -= 1
-                if slot.waiting == 0:
-                    slot.wait_since = 0.0
-                slot.waits += 1
-                slot.wait_ms += waited_ms
-                if acquired:
-                    slot.held += 1
-                    slot.grants += 1
-                elif not gave_up:
-                    slot.timeouts += 1
-                slot.inflight -= 1
-        if acquired or gave_up:
-            return acquired
+            account.end_wait(not polling, acquired, not (acquired or taken or gave_up),
+                             (time.monotonic() - start) * 1000.0)
+        if acquired or taken:
+            return True
+        if gave_up:
+            return False
         raise self.timeout_error(timeout if reported_timeout is None else reported_timeout)
-
-    def release(self) -> None:
-        """Give one permit back: unrecord it, then post (a crash in between leaks, never duplicates)."""
-        slot = self.slot
-        sem = self._sem if self._header.epoch == self._epoch else self._current_sem()
-        with self._lock:
-            slot.inflight += 1
-            slot.held -= 1
-            slot.releases += 1
-            sem.release()
-            slot.inflight -= 1
 
     def timeout_error(self, timeout: float) -> PoolTimeout:
         snap = self.ledger.snapshot()
@@ -174,12 +127,23 @@ class PermitGate:
         )
 
 
-def wait_for_permit(sem: posix_ipc.Semaphore, timeout: float) -> bool:
-    """Block this thread, or under gevent only this greenlet, until a permit or the timeout."""
+def _must_poll() -> bool:
+    """Under gevent no OS thread may block on the semaphore for us: poll inside the greenlet.
+
+    A greenlet killed or timed out while it sleeps has taken nothing, and the
+    permit is taken only by a non-blocking call that is recorded at once.
+    """
     monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None and monkey.is_module_patched("threading"):
-        return _poll_wait(sem, timeout)
-    return _sem_wait(sem, timeout)
+    return monkey is not None and monkey.is_module_patched("threading")
+
+
+def _sleep(seconds: float) -> None:
+    if _must_poll():
+        from gevent import sleep
+
+        sleep(seconds)
+    else:
+        time.sleep(seconds)
 
 
 def _sem_wait(sem: posix_ipc.Semaphore, timeout: float) -> bool:
@@ -192,27 +156,3 @@ def _sem_wait(sem: posix_ipc.Semaphore, timeout: float) -> bool:
         except posix_ipc.SignalError:
             continue  # a server's signal (HUP, TERM to an old worker) ran its handler: wait on
         return True
-
-
-def _poll_wait(sem: posix_ipc.Semaphore, timeout: float) -> bool:
-    """Poll inside the greenlet, sleeping on the hub between tries (gevent).
-
-    No OS thread ever blocks on the semaphore for us: a greenlet killed or
-    timed out while it sleeps has taken nothing, and the permit is taken only
-    by a non-blocking call whose result the caller records before it yields.
-    """
-    from gevent import sleep
-
-    deadline = time.monotonic() + timeout
-    delay = POLL_FIRST
-    while True:
-        try:
-            sem.acquire(0)
-            return True
-        except posix_ipc.BusyError:
-            pass
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        sleep(min(delay, remaining))
-        delay = min(delay * 2, POLL_MAX)
