@@ -271,6 +271,7 @@ class Ledger:
         self.header = Header.from_buffer(self._map)
         self.slots = (Slot * nslots).from_buffer(self._map, HEADER_SIZE)
         self._thread_lock = threading.Lock()
+        self._claimed: set[int] = set()  # slots locked through our own description: locking them again succeeds
         self._old_sems: list[posix_ipc.Semaphore] = []
         self._sem_inode = _inode(names.semaphore_path(token))
 
@@ -382,8 +383,12 @@ class Ledger:
     def after_fork_in_child(self) -> None:
         """Take our own lock-file description: the inherited one is shared with the parent's locks."""
         self._thread_lock = threading.Lock()
-        old, self.locks_fd = self.locks_fd, os.open(
-            LOCK_FILE, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        self._claimed = set()
+        old = self.locks_fd
+        try:
+            self.locks_fd = os.open(LOCK_FILE, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        except OSError:
+            self.locks_fd = -1  # the pool was removed meanwhile: this ledger is of no use to the child
         os.close(old)  # the parent's description (and its locks) lives on in the parent
 
     # -- registry ----------------------------------------------------------------
@@ -407,7 +412,7 @@ class Ledger:
         with self.registry_lock():
             header = self.header
             for index in range(self.nslots):
-                if not lock_byte(self.locks_fd, SLOT_LOCK_BASE + index):
+                if index in self._claimed or not lock_byte(self.locks_fd, SLOT_LOCK_BASE + index):
                     continue  # a live owner
                 slot = self.slots[index]
                 if slot.state != SLOT_FREE and (slot.held or slot.inflight or slot.connecting):
@@ -420,6 +425,7 @@ class Ledger:
                 slot.state = SLOT_ACTIVE
                 if not index < header.slot_hwm <= self.nslots:
                     header.slot_hwm = max(index + 1, min(header.slot_hwm, self.nslots))
+                self._claimed.add(index)
                 return index
         raise SlotsExhausted(f"pool {self.name!r}: all {self.nslots} worker slots are taken")
 
@@ -428,6 +434,7 @@ class Ledger:
         with self.registry_lock():
             self._retire(self.slots[index])
             unlock_byte(self.locks_fd, SLOT_LOCK_BASE + index)
+            self._claimed.discard(index)
 
     def retire_dead_slot(self, index: int) -> None:
         """Free the slot of a dead owner (coordinator, under the registry lock, its permits dealt with)."""

@@ -151,6 +151,7 @@ def open_directory(names: PoolNames, group: str | None, *, create: bool, strict:
     """Open (creating it if asked) the pool's directory and prove it is the pool's; return its fd."""
     path = names.directory
     dir_mode, _ = modes(group)
+    gid = group_id(group) if group else -1  # a bad GROUP fails before anything exists
     created = False
     if create:
         try:
@@ -173,7 +174,7 @@ def open_directory(names: PoolNames, group: str | None, *, create: bool, strict:
         if created:
             os.fchmod(fd, dir_mode)
             if group:
-                os.fchown(fd, -1, group_id(group))
+                os.fchown(fd, -1, gid)
         check_owned(names.name, os.fstat(fd), path, group, strict=strict)
     except BaseException:
         os.close(fd)

@@ -8,6 +8,7 @@ between two tries holds nothing, so the coordinator's count can be exact.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -29,11 +30,11 @@ class PermitGate:
     gets a fresh slot and nothing of the parent's carries over.
     """
 
-    def __init__(self, ledger: Ledger, pid: int, on_pressure: Callable[[], None] | None = None) -> None:
+    def __init__(self, ledger: Ledger, pid: int | None = None, on_pressure: Callable[[], None] | None = None) -> None:
         self.ledger = ledger
         self.name = ledger.name
         self.on_pressure = on_pressure
-        self.account = SlotAccount(ledger, pid)
+        self.account = SlotAccount(ledger, os.getpid() if pid is None else pid)
         self._header = ledger.header
         self._sem = ledger.sem
         self._epoch = ledger.header.epoch

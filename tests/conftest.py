@@ -12,8 +12,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import shutil
 import secrets
 import sys
 
@@ -140,10 +142,12 @@ def pytest_sessionfinish(session, exitstatus):
         print(msg, file=sys.stderr)
     if os.environ.get("SHAREDPOOL_KEEP_LEAKS") != "1":
         for e in leaks:
-            try:
-                os.unlink(os.path.join(SHM_DIR, e))
-            except OSError:
-                pass
+            path = os.path.join(SHM_DIR, e)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
     if session.exitstatus in (0, pytest.ExitCode.NO_TESTS_COLLECTED):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
@@ -151,7 +155,8 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture
 def make_ledger(unique_name):
     """Create this test's ledger (no coordinator) with a given budget; remove it after."""
-    from sharedpool.ledger import Ledger, unlink
+    from helpers_procs import remove_pool_objects
+    from sharedpool.ledger import Ledger
 
     made = []
 
@@ -162,4 +167,4 @@ def make_ledger(unique_name):
     yield make
     for ledger in made:
         ledger.close()
-    unlink(unique_name)
+    remove_pool_objects(unique_name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,8 @@ from collections.abc import Callable, Iterator
 import psycopg2
 
 from devtools.pgcluster import server_backends
-from sharedpool.ledger import Ledger, proc_stat, unlink
+from sharedpool.ledger import Ledger, proc_stat
+from sharedpool.names import PoolNames
 
 PYTHON = sys.executable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,6 +99,15 @@ class CoordinatorProc:
             os.unlink(self.logfile.name)
 
 
+def remove_pool_objects(name: str) -> None:
+    """Remove every object of pool ``name``, in use or not (test teardown only)."""
+    names = PoolNames(name)
+    shutil.rmtree(names.directory, ignore_errors=True)
+    for path in names.stray_semaphores():
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
 @contextlib.contextmanager
 def coordinator(name: str, budget: int, *extra: str, **kwargs: object) -> Iterator[CoordinatorProc]:
     """Run a coordinator for the block; kill it and remove the pool's IPC objects after."""
@@ -105,7 +116,7 @@ def coordinator(name: str, budget: int, *extra: str, **kwargs: object) -> Iterat
         yield coord
     finally:
         coord.close()
-        unlink(name)
+        remove_pool_objects(name)
 
 
 # A worker that registers, takes permits on command and reports on stdout.
@@ -113,12 +124,12 @@ def coordinator(name: str, budget: int, *extra: str, **kwargs: object) -> Iterat
 # acquire without recording; inflight += K, as if killed mid-acquire), "exit".
 GATE_WORKER = textwrap.dedent(
     """
-    import sys
+    import os, sys
     from sharedpool.ledger import Ledger
     from sharedpool.permits import PermitGate
     ledger = Ledger.attach(sys.argv[1])
-    gate = PermitGate(ledger)
-    gate.register()
+    gate = PermitGate(ledger, os.getpid())
+    account = gate.account
     print("registered", gate.slot_index, flush=True)
     for line in sys.stdin:
         verb, _, arg = line.strip().partition(" ")
@@ -131,7 +142,10 @@ GATE_WORKER = textwrap.dedent(
                 gate.release()
         elif verb == "raw":
             for _ in range(n):
-                gate.slot.inflight += 1
+                with account.lock:
+                    account.inflight += 1
+                    account.slot.inflight = account.inflight
+                    account._seal(account.slot)
                 ledger.sem.acquire(10)
         elif verb == "exit":
             gate.deregister()

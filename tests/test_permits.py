@@ -23,25 +23,23 @@ def ledger(make_ledger):
 
 def test_acquire_release_accounting(ledger):
     gate = PermitGate(ledger)
-    gate.register()
-    assert gate.slot.pid == os.getpid() and gate.slot_index == 0
+    assert gate.account.slot.pid == os.getpid() and gate.slot_index == 0
     assert gate.try_acquire() and gate.try_acquire()
     assert not gate.try_acquire()
-    slot = gate.slot
+    slot = gate.account.slot
     assert (slot.held, slot.inflight, slot.grants, ledger.sem.value) == (2, 0, 2, 0)
     gate.release()
     assert (slot.held, slot.inflight, slot.releases, ledger.sem.value) == (1, 0, 1, 1)
     gate.acquire(1.0)
     assert (slot.held, slot.waiting, slot.inflight) == (2, 0, 0)
     gate.deregister()
-    assert ledger.sem.value == 2 and gate.slot is None
+    assert ledger.sem.value == 2 and gate.account.closed
     assert ledger.header.grants == 3 and ledger.header.releases == 3  # folded into the header
 
 
 @pytest.mark.timing
 def test_timeout_names_budget_holders_and_waiters(ledger, unique_name):
     gate = PermitGate(ledger)
-    gate.register()
     gate.acquire(0.1)
     gate.acquire(0.1)
     pressure = []
@@ -54,14 +52,13 @@ def test_timeout_names_budget_holders_and_waiters(ledger, unique_name):
     assert f"pool '{unique_name}': no permit after 0.3 s (budget 2, held by 1 workers" in message
     assert f"pid {os.getpid()} held 2" in message and "0 waiting" in message
     assert pressure  # waiting asks others to shed
-    slot = gate.slot
+    slot = gate.account.slot
     assert (slot.inflight, slot.waiting, slot.timeouts, slot.waits) == (0, 0, 1, 1)
     gate.deregister()
 
 
 def test_waiter_is_in_flight_while_blocked_and_wakes_on_release(ledger):
     gate = PermitGate(ledger)
-    gate.register()
     gate.acquire(0.1)
     gate.acquire(0.1)
     got = threading.Event()
@@ -73,20 +70,19 @@ def test_waiter_is_in_flight_while_blocked_and_wakes_on_release(ledger):
     thread = threading.Thread(target=waiter)
     thread.start()
     deadline = time.monotonic() + 2
-    while gate.slot.waiting != 1 and time.monotonic() < deadline:
+    while gate.account.slot.waiting != 1 and time.monotonic() < deadline:
         time.sleep(0.001)
-    assert (gate.slot.waiting, gate.slot.inflight) == (1, 1) and gate.slot.wait_since > 0
+    assert (gate.account.slot.waiting, gate.account.slot.inflight) == (1, 1) and gate.account.slot.wait_since > 0
     gate.release()
     assert got.wait(2)
     thread.join()
-    assert (gate.slot.held, gate.slot.inflight, gate.slot.waiting, gate.slot.wait_since) == (2, 0, 0, 0.0)
+    assert (gate.account.slot.held, gate.account.slot.inflight, gate.account.slot.waiting, gate.account.slot.wait_since) == (2, 0, 0, 0.0)
     gate.deregister()
 
 
 def test_timeout_message_names_the_reported_timeout(ledger):
     """A caller that passes what is left of its TIMEOUT gets its whole TIMEOUT named."""
     gate = PermitGate(ledger)
-    gate.register()
     gate.acquire(0.1)
     gate.acquire(0.1)
     with pytest.raises(PoolTimeout) as err:
@@ -97,7 +93,6 @@ def test_timeout_message_names_the_reported_timeout(ledger):
 
 def test_many_threads_keep_exact_counts(ledger):
     gate = PermitGate(ledger)
-    gate.register()
 
     def churn():
         for _ in range(300):
@@ -106,7 +101,7 @@ def test_many_threads_keep_exact_counts(ledger):
 
     errors = run_in_threads(churn, 6)
     assert not errors
-    slot = gate.slot
+    slot = gate.account.slot
     assert (slot.held, slot.inflight, slot.waiting, ledger.sem.value) == (0, 0, 0, 2)
     assert slot.grants == slot.releases == 1800
     gate.deregister()
@@ -123,7 +118,6 @@ from sharedpool.permits import PermitGate
 
 ledger = Ledger.attach(sys.argv[1])
 gate = PermitGate(ledger)
-gate.register()
 gate.acquire(1.0)
 gate.acquire(1.0)  # the budget (2) is taken
 
@@ -146,7 +140,7 @@ with gevent.Timeout(0.1, False):
     gate.acquire(5.0)  # cut short by a gevent.Timeout
 gate.release()
 gevent.sleep(0.3)
-slot = gate.slot
+slot = gate.account.slot
 print(json.dumps({"waits": waits, "free": ledger.sem.value, "held": slot.held,
                   "inflight": slot.inflight, "waiting": slot.waiting}))
 gate.deregister()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+import traceback
 
 import psycopg2
 import pytest
@@ -204,7 +205,7 @@ def test_fork_child_uses_its_own_connections_and_permits(make_pool, unique_name)
     children = []
     for _ in range(2):
         pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
+        if pid == 0:  # pragma: no cover - runs in the child, which never returns into pytest
             code = 1
             try:
                 os.close(read_fd)
@@ -215,11 +216,12 @@ def test_fork_child_uses_its_own_connections_and_permits(make_pool, unique_name)
                     slot = ledger.slots[pool.budget.gate.slot_index]
                     assert slot.pid == os.getpid() and slot.held == 1
                     os.write(write_fd, f"{child_backend}\n".encode())
+                pool.budget.close()
                 code = 0
+            except BaseException:
+                traceback.print_exc()
             finally:
-                os._exit(code) if code else None
-            pool.budget.close()
-            os._exit(0)
+                os._exit(code)
         children.append(pid)
     os.close(write_fd)
     for pid in children:
