@@ -151,7 +151,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    ledger = Ledger.attach(args.name, group=args.group)
+    ledger = Ledger.attach(args.name, group=args.group, mapped=False)
     try:
         previous, taken = None, time.monotonic()
         if args.rate_window:
@@ -180,7 +180,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         return 1
     from .metrics import LedgerCollector
 
-    ledgers = [Ledger.attach(name, group=args.group) for name in args.name]
+    ledgers = [Ledger.attach(name, group=args.group, mapped=False) for name in args.name]
     stop = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # before the server thread starts: it inherits the mask
     registry = CollectorRegistry()
@@ -192,7 +192,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    ledger = Ledger.attach(args.name, group=args.group)
+    ledger = Ledger.attach(args.name, group=args.group, mapped=False)
     try:
         if not ledger.coordinator_alive() or not channel.send(
             PoolNames(args.name), CONTROL_SOCKET, f"budget {args.budget}".encode()

@@ -103,7 +103,7 @@ def _still_named(path: str, fd: int) -> bool:
 
 def _ready(names: PoolNames, group: str | None) -> bool:
     try:
-        ledger = Ledger.attach(names.name, group=group)
+        ledger = Ledger.attach(names.name, group=group, mapped=False)
     except LedgerError:
         return False
     try:
@@ -114,7 +114,7 @@ def _ready(names: PoolNames, group: str | None) -> bool:
 
 def _holder(names: PoolNames, group: str | None) -> str:
     try:
-        ledger = Ledger.attach(names.name, group=group)
+        ledger = Ledger.attach(names.name, group=group, mapped=False)
     except LedgerError:
         return ""
     try:
@@ -128,7 +128,7 @@ def create_or_adopt(claim: PoolClaim, budget: int, nslots: int) -> tuple[Ledger,
     """Create the ledger, or adopt the one there; return it and whether it was adopted."""
     names, group = claim.names, claim.group
     try:
-        ledger = Ledger.create(names.name, budget, nslots=nslots, group=group, dir_fd=_dup(claim.dir_fd))
+        ledger = Ledger.create(names.name, budget, nslots=nslots, group=group, dir_fd=_dup(claim.dir_fd), mapped=False)
         return ledger, False
     except FileExistsError:
         pass
@@ -143,7 +143,7 @@ def create_or_adopt(claim: PoolClaim, budget: int, nslots: int) -> tuple[Ledger,
     finally:
         os.close(fd)
     try:
-        ledger = Ledger.attach(names.name, group=group)
+        ledger = Ledger.attach(names.name, group=group, mapped=False)
     except LedgerError as exc:
         raise CoordinatorError(f"{exc}; remove it with `sharedpool cleanup --name {names.name}`") from None
     return ledger, True
@@ -247,7 +247,7 @@ def _token(names: PoolNames, dir_fd: int) -> int:
 
 def _live_workers(names: PoolNames, group: str | None) -> str:
     try:
-        ledger = Ledger.attach(names.name, group=group)
+        ledger = Ledger.attach(names.name, group=group, mapped=False)
     except LedgerError:
         return "pids unknown: the ledger is unreadable"
     try:

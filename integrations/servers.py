@@ -81,7 +81,7 @@ def running_coordinator(config: PoolConfig) -> int | None:
 
     if not Ledger.exists(config.name):
         return None
-    ledger = Ledger.attach(config.name, group=config.group)
+    ledger = Ledger.attach(config.name, group=config.group, mapped=False)
     check_budget(ledger, config)  # closes the ledger and raises on a mismatch
     try:
         header = ledger.header

@@ -116,7 +116,7 @@ def attach_or_start(config: PoolConfig) -> Ledger:
 def coordinator_ready(name: str, group: str | None = None) -> bool:
     """Tell whether a valid ledger exists and a live coordinator holds the pool's lock."""
     try:
-        ledger = Ledger.attach(name, group=group)
+        ledger = Ledger.attach(name, group=group, mapped=False)
     except LedgerError:
         return False
     try:

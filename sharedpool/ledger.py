@@ -250,11 +250,54 @@ class Snapshot:
         return "; ".join(parts) or "no holder recorded"
 
 
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    """Read at ``offset``; a truncated file reads as zeros past its end (never SIGBUS)."""
+    data = os.pread(fd, size, offset)
+    return data if len(data) == size else data.ljust(size, b"\0")
+
+
+class FileHeader:
+    """The header through pread/pwrite, field by field: what the coordinator uses instead of a mapping.
+
+    Truncating the file cannot kill a process that never touches the mapping.
+    """
+
+    def __init__(self, fd: int) -> None:
+        object.__setattr__(self, "_fd", fd)
+
+    def __getattr__(self, name: str):
+        field = getattr(Header, name)
+        scratch = bytearray(HEADER_SIZE)
+        scratch[field.offset : field.offset + field.size] = _pread(self._fd, field.size, field.offset)
+        return getattr(Header.from_buffer(scratch), name)
+
+    def __setattr__(self, name: str, value) -> None:
+        field = getattr(Header, name)
+        scratch = Header()
+        setattr(scratch, name, value)
+        os.pwrite(self._fd, bytes(scratch)[field.offset : field.offset + field.size], field.offset)
+
+
+class FileSlots:
+    """Copies of slots through pread (coordinator): reading one never faults on a truncated file."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def __getitem__(self, index: int) -> Slot:
+        return Slot.from_buffer_copy(_pread(self._fd, SLOT_SIZE, HEADER_SIZE + index * SLOT_SIZE))
+
+
 class Ledger:
-    """A mapped ledger, its lock file and its semaphore. Open lazily, in the process that uses it."""
+    """A ledger, its lock file and its semaphore. Open lazily, in the process that uses it.
+
+    Workers map it (``mapped``): the hot path writes their slot in place.
+    The coordinator and the commands read and write through the file
+    (FileHeader, FileSlots), so a truncated ledger cannot kill them.
+    """
 
     def __init__(self, names: PoolNames, dir_fd: int, fd: int, locks_fd: int, sem: posix_ipc.Semaphore,
-                 nslots: int, token: int, group: str | None) -> None:
+                 nslots: int, token: int, group: str | None, mapped: bool = True) -> None:
         self.names = names
         self.name = names.name
         self.group = group
@@ -267,9 +310,15 @@ class Ledger:
         self.locks_fd = locks_fd
         self._inode = os.fstat(fd).st_ino
         self._owner = os.fstat(dir_fd).st_uid
-        self._map = mmap.mmap(fd, self.size)
-        self.header = Header.from_buffer(self._map)
-        self.slots = (Slot * nslots).from_buffer(self._map, HEADER_SIZE)
+        self.mapped = mapped
+        if mapped:
+            self._map = mmap.mmap(fd, self.size)
+            self.header = Header.from_buffer(self._map)
+            self.slots = (Slot * nslots).from_buffer(self._map, HEADER_SIZE)
+        else:
+            self._map = None
+            self.header = FileHeader(fd)
+            self.slots = FileSlots(fd)
         self._thread_lock = threading.Lock()
         self._claimed: set[int] = set()  # slots locked through our own description: locking them again succeeds
         self._old_sems: list[posix_ipc.Semaphore] = []
@@ -279,7 +328,7 @@ class Ledger:
 
     @classmethod
     def create(cls, name: str, budget: int, *, nslots: int = DEFAULT_SLOTS, group: str | None = None,
-               dir_fd: int | None = None) -> "Ledger":
+               dir_fd: int | None = None, mapped: bool = True) -> "Ledger":
         """Create the ledger file and a semaphore with a fresh token (coordinator, under its lock).
 
         Raises FileExistsError when a ledger file is already there (adopt it instead).
@@ -306,7 +355,7 @@ class Ledger:
             os.pwrite(fd, bytes(header), 0)
             # the magic last: readers trust nothing before it is there
             os.pwrite(fd, MAGIC.to_bytes(8, "little"), Header.magic.offset)
-            return cls(names, dir_fd, fd, locks_fd, sem, nslots, token, group)
+            return cls(names, dir_fd, fd, locks_fd, sem, nslots, token, group, mapped)
         except BaseException:
             if sem is not None:
                 sem.unlink()
@@ -322,7 +371,7 @@ class Ledger:
             raise
 
     @classmethod
-    def attach(cls, name: str, *, group: str | None = None) -> "Ledger":
+    def attach(cls, name: str, *, group: str | None = None, mapped: bool = True) -> "Ledger":
         """Open an existing ledger and validate it before trusting any field."""
         names = PoolNames(name)
         dir_fd = open_directory(names, group, create=False)
@@ -336,7 +385,7 @@ class Ledger:
             header = validate_segment(names, fd)
             locks_fd = open_entry(names, dir_fd, LOCK_FILE, os.O_RDWR, group, owner=owner)
             sem = open_semaphore(names, header.token, group, owner)
-            return cls(names, dir_fd, fd, locks_fd, sem, header.nslots, header.token, group)
+            return cls(names, dir_fd, fd, locks_fd, sem, header.nslots, header.token, group, mapped)
         except FileNotFoundError as exc:
             raise LedgerError(f"pool {name!r}: {exc.filename or 'a file'} vanished while attaching") from None
         except BaseException:
@@ -418,7 +467,7 @@ class Ledger:
                 if slot.state != SLOT_FREE and (slot.held or slot.inflight or slot.connecting):
                     unlock_byte(self.locks_fd, SLOT_LOCK_BASE + index)  # dead, not yet reclaimed
                     continue
-                self._retire(slot)
+                self._retire(index)
                 slot.pid = pid
                 slot.start_time = start_time
                 slot.pid_ns = pid_ns
@@ -432,20 +481,27 @@ class Ledger:
     def free_slot(self, index: int) -> None:
         """Fold the slot's counters into the header, free it and drop its lock (its owner, at exit)."""
         with self.registry_lock():
-            self._retire(self.slots[index])
+            self._retire(index)
             unlock_byte(self.locks_fd, SLOT_LOCK_BASE + index)
             self._claimed.discard(index)
 
     def retire_dead_slot(self, index: int) -> None:
         """Free the slot of a dead owner (coordinator, under the registry lock, its permits dealt with)."""
         if not self.slot_alive(index):
-            self._retire(self.slots[index])
+            self._retire(index)
 
-    def _retire(self, slot: Slot) -> None:
-        header = self.header
+    def _retire(self, index: int) -> None:
+        """Fold a slot's counters into the header totals and zero it (under the registry lock)."""
+        if self.mapped:
+            slot, header = self.slots[index], self.header
+            for counter in SUMMED_COUNTERS:
+                setattr(header, counter, getattr(header, counter) + getattr(slot, counter))
+            ctypes.memset(ctypes.addressof(slot), 0, SLOT_SIZE)
+            return
+        slot, header = self.slots[index], Header.from_buffer_copy(_pread(self._fd, HEADER_SIZE, 0))
         for counter in SUMMED_COUNTERS:
-            setattr(header, counter, getattr(header, counter) + getattr(slot, counter))
-        ctypes.memset(ctypes.addressof(slot), 0, SLOT_SIZE)
+            setattr(self.header, counter, getattr(header, counter) + getattr(slot, counter))
+        os.pwrite(self._fd, bytes(SLOT_SIZE), HEADER_SIZE + index * SLOT_SIZE)
 
     def slot_alive(self, index: int) -> bool:
         """Tell whether a live process holds slot ``index`` (any PID namespace)."""
@@ -464,19 +520,22 @@ class Ledger:
     def read_slot(self, index: int) -> Slot:
         """Copy one slot, repeating until two reads agree."""
         offset = HEADER_SIZE + index * SLOT_SIZE
-        data = self._map[offset : offset + SLOT_SIZE]
+        data = _pread(self._fd, SLOT_SIZE, offset)
         for _ in range(1000):
-            again = self._map[offset : offset + SLOT_SIZE]
+            again = _pread(self._fd, SLOT_SIZE, offset)
             if again == data:
                 break
             data = again
         return Slot.from_buffer_copy(data)
 
     def raw_slots(self) -> bytes:
-        return self._map[HEADER_SIZE : HEADER_SIZE + self.nslots * SLOT_SIZE]
+        return _pread(self._fd, self.nslots * SLOT_SIZE, HEADER_SIZE)
+
+    def read_header(self) -> Header:
+        return Header.from_buffer_copy(_pread(self._fd, HEADER_SIZE, 0))
 
     def snapshot(self) -> Snapshot:
-        header = Header.from_buffer_copy(self._map[:HEADER_SIZE])
+        header = self.read_header()
         views = []
         totals = {counter: getattr(header, counter) for counter in SUMMED_COUNTERS}
         for index in range(self.nslots):
@@ -513,8 +572,9 @@ class Ledger:
     def close(self) -> None:
         """Unmap and close this process's handles; the objects stay for others."""
         self.header = self.slots = None
-        with contextlib.suppress(BufferError, ValueError):
-            self._map.close()
+        if self._map is not None:
+            with contextlib.suppress(BufferError, ValueError):
+                self._map.close()
         for fd in (self._fd, self.locks_fd, self.dir_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
