@@ -475,16 +475,17 @@ class Coordinator:
         ledger.header.coordinator_pid = 0
         live = sorted(f.index for f in self.stable_view()[0] if f.alive)
         pids = [ledger.slots[i].pid for i in live]
+        removed = None
         if self.options.remove_on_exit and not live:
             # under the registry lock, so no worker claims a slot between our check and the removal
             with ledger.registry_lock():
                 live = sorted(locked_bytes(ledger.locks_fd, SLOT_LOCK_BASE, ledger.nslots))
-                removed = [] if live else ledger.unlink_own()
-            if not live:
-                log.info("pool %r: removed %s", self.name, ", ".join(removed) or "nothing")
-        if live:
-            log.info("pool %r: coordinator stopped; ledger left for %d running worker(s) (%s)", self.name,
-                     len(live), ", ".join(map(str, pids[:8])))
+                removed = None if live else ledger.unlink_own()
+        if removed is not None:
+            log.info("pool %r: removed %s", self.name, ", ".join(removed) or "nothing")
+        else:
+            log.info("pool %r: coordinator stopped; ledger left for %d running worker(s)%s", self.name,
+                     len(live), f" ({', '.join(map(str, pids[:8]))})" if pids else "")
         self.watcher.close()
         self.selector.close()
         self.control.close()

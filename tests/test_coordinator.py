@@ -14,9 +14,29 @@ import time
 import posix_ipc
 import pytest
 
-from sharedpool.ledger import Ledger, ipc_names, is_alive, lock_path, process_start_time, unlink
+from sharedpool import channel
+from sharedpool.account import SlotAccount
+from sharedpool.ledger import Ledger, is_alive, process_start_time
+from sharedpool.names import CONTROL_SOCKET, PoolNames
 
-from helpers_procs import CoordinatorProc, GateWorker, PoolWorker, coordinator, run_cli, sem_free, wait_until
+from helpers_procs import (
+    CoordinatorProc,
+    GateWorker,
+    PoolWorker,
+    coordinator,
+    remove_pool_objects,
+    run_cli,
+    sem_free,
+    wait_until,
+)
+
+
+def _semaphore_path(name: str) -> str:
+    ledger = Ledger.attach(name, mapped=False)
+    try:
+        return PoolNames(name).semaphore_path(ledger.token)
+    finally:
+        ledger.close()
 
 
 def test_sigkilled_worker_permits_come_back(unique_name):
@@ -50,20 +70,19 @@ def test_clean_exit_returns_permits_without_reclaim(unique_name):
             ledger.close()
 
 
-def test_reused_pid_is_treated_as_dead(unique_name):
-    """A slot whose pid runs but with another start time belongs to a dead worker."""
+def test_worker_is_dead_when_its_slot_lock_is_gone(unique_name):
+    """Liveness is the slot lock, not the pid: a slot whose lock holder went away is reclaimed."""
     with coordinator(unique_name, 4):
         ledger = Ledger.attach(unique_name)
+        other = Ledger.attach(unique_name)
         try:
-            # a live process (ourselves) under a start time that is not its own:
-            # exactly what a recycled pid looks like
-            index = ledger.claim_slot(os.getpid(), (process_start_time(os.getpid()) or 0) + 12345)
-            ledger.sem.acquire(0)
-            ledger.slots[index].held = 1
-            ledger.sem.acquire(0)
-            ledger.slots[index].held = 2
-            assert wait_until(lambda: ledger.sem.value == 4, 2.0), "reclaim of a reused pid"
-            assert ledger.slots[index].state == 0
+            account = SlotAccount(other, os.getpid())  # this live pid, through another description
+            assert account.try_take(other.sem) and account.try_take(other.sem)
+            time.sleep(0.3)
+            assert ledger.sem.value == 2  # alive: nothing reclaimed
+            other.close()  # its lock goes with the description, as when a process dies
+            assert wait_until(lambda: ledger.sem.value == 4, 2.0), "reclaim of a dead slot"
+            assert ledger.read_slot(account.index).state == 0
         finally:
             ledger.close()
 
@@ -175,7 +194,7 @@ def test_coordinator_absent_cap_holds_then_adoption_reclaims(unique_name):
             assert "adopted existing ledger (epoch 2" in second.log()
     finally:
         coord.close()
-        unlink(unique_name)
+        remove_pool_objects(unique_name)
 
 
 def test_simultaneous_coordinators_one_runs(unique_name):
@@ -193,18 +212,17 @@ def test_simultaneous_coordinators_one_runs(unique_name):
         try:
             header = ledger.header
             assert (header.coordinator_pid, header.physical, header.budget) == (winner.pid, 3, 3)
+            assert ledger.coordinator_alive()
             time.sleep(2 * 0.5 + 0.2)  # audits pass: nothing posted twice, nothing taken
             assert ledger.sem.value == 3 and header.audit_fixes == 0
+            assert len(PoolNames(unique_name).stray_semaphores()) == 1  # one semaphore for the name
         finally:
             ledger.close()
-        with open(lock_path(unique_name)) as f:
-            assert f.read().strip() == str(winner.pid)
         assert "exceeds" not in winner.log() and "audit returned" not in winner.log()
     finally:
         for p in procs:
             p.close()
-        unlink(unique_name)
-    assert not os.path.exists(lock_path(unique_name))  # unlink() removes the lock file too
+        remove_pool_objects(unique_name)
 
 
 def test_audit_repairs_leak_of_worker_killed_mid_acquire(unique_name):
@@ -245,33 +263,33 @@ def test_audit_repairs_leak_while_another_worker_waits(unique_name):
         assert sem_free(unique_name) == 2
 
 
-def test_settled_suspects_do_not_loosen_later_audits(unique_name):
-    """A dead waiter makes its in-flight operation a suspect leak; once the count shows nothing
-    leaked, the suspect is settled, so a later waiter holding an unrecorded permit is not posted twice."""
+def test_unrecorded_grant_of_a_live_waiter_is_never_reposted(unique_name):
+    """The race of the old suspect-leak rule, now impossible by construction.
+
+    A dead worker leaves a suspect (it died mid-operation); a live thread has
+    taken the last permit but not recorded it yet (starved of the GIL). The
+    exact count needs a view with no live operation in flight, which never
+    comes while that thread is stuck: nothing is posted, however long.
+    """
     with coordinator(unique_name, 2) as coord:
-        holder, waiter = GateWorker(unique_name), GateWorker(unique_name, timeout=10.0)
-        ledger = Ledger.attach(unique_name)
+        holder = GateWorker(unique_name)
         try:
-            holder.do("acquire 2")
-            waiter.proc.stdin.write("acquire 1\n")
-            waiter.proc.stdin.flush()
-            assert wait_until(lambda: ledger.slots[waiter.slot_index].waiting == 1, 2.0)
-            waiter.kill()  # died waiting: its in-flight operation becomes a suspect leak, but nothing leaked
-            assert wait_until(lambda: f"reclaimed 0 permit(s) of worker {waiter.pid}" in coord.log(), 2.0)
-            time.sleep(0.3)  # the audit that follows a reclaim
-            holder.do("release 1")
-            # a live waiter just granted, not yet recording (as if descheduled): it holds the last permit
-            granted = GateWorker(unique_name)
-            granted.do("raw 1")
-            ledger.slots[granted.slot_index].waiting = 1
-            time.sleep(3 * 0.5 + 0.2)  # several stable audits
-            assert ledger.sem.value == 0, "the audit posted a permit a live waiter holds"
-            assert "audit returned" not in coord.log()
-            ledger.slots[granted.slot_index].waiting = 0
-            granted.kill()
+            holder.do("acquire 1")
+            victim = GateWorker(unique_name)
+            victim.do("raw 1")  # died mid-acquire: a suspect whose permit really leaked
+            stuck = GateWorker(unique_name)
+            victim.kill()
+            assert wait_until(lambda: "exact count" in coord.log(), 3.0), coord.log()
+            assert wait_until(lambda: sem_free(unique_name) == 1, 3.0)  # the real leak comes back
+            stuck.do("raw 1")  # in flight, semaphore taken, never recorded
+            time.sleep(2.0)  # many audits, a raised hold
+            assert sem_free(unique_name) == 0, "a permit a live thread holds was posted again"
+            assert coord.log().count("audit returned") == 1
+            stuck.kill()  # now it is dead: the exact count may settle its permit
+            assert wait_until(lambda: sem_free(unique_name) == 1, 3.0), coord.log()
         finally:
-            ledger.close()
             holder.exit()
+        assert sem_free(unique_name) == 2
 
 
 def test_sigterm_leaves_objects_by_default(unique_name):
@@ -279,25 +297,25 @@ def test_sigterm_leaves_objects_by_default(unique_name):
     try:
         assert coord.stop(signal.SIGTERM) == 0
         assert Ledger.exists(unique_name)
-        assert os.path.exists(f"/dev/shm/sem.{ipc_names(unique_name)[1][1:]}")
+        assert os.path.exists(_semaphore_path(unique_name))
         assert "ledger left for 0 running worker(s)" in coord.log()
-        assert os.path.exists(lock_path(unique_name))  # the lock file stays with the ledger
         ledger = Ledger.attach(unique_name)
         try:
             assert ledger.header.coordinator_pid == 0  # stopped cleanly: nobody mistakes it for alive
+            assert not ledger.coordinator_alive()
         finally:
             ledger.close()
     finally:
         coord.close()
-        unlink(unique_name)
+        remove_pool_objects(unique_name)
 
 
 def test_sigterm_with_remove_on_exit_removes_objects(unique_name):
     with coordinator(unique_name, 2) as coord:
+        semaphore = _semaphore_path(unique_name)
         assert coord.stop(signal.SIGTERM) == 0
-        assert not Ledger.exists(unique_name)
-        assert not os.path.exists(f"/dev/shm/sem.{ipc_names(unique_name)[1][1:]}")
-        assert not os.path.exists(lock_path(unique_name))
+        assert not os.path.exists(PoolNames(unique_name).directory)
+        assert not os.path.exists(semaphore)
         assert "removed /dev/shm/sharedpool." in coord.log()
 
 
@@ -310,8 +328,8 @@ def test_remove_on_exit_keeps_a_ledger_with_registered_workers(unique_name):
             coord.proc.send_signal(signal.SIGTERM)
             assert wait_until(lambda: "waiting up to" in coord.log(), 5), coord.log()
             assert coord.stop(signal.SIGTERM) == 0  # a second signal ends the wait
-            assert f"not removing the ledger: 1 worker(s) still registered ({worker.pid})" in coord.log()
-            assert Ledger.exists(unique_name) and os.path.exists(f"/dev/shm/sem.{ipc_names(unique_name)[1][1:]}")
+            assert f"ledger left for 1 running worker(s) ({worker.pid})" in coord.log()
+            assert Ledger.exists(unique_name) and os.path.exists(_semaphore_path(unique_name))
             worker.do("acquire 1")  # still the one ledger and semaphore
             assert sem_free(unique_name) == 0
         finally:
@@ -340,7 +358,7 @@ def test_missing_semaphore_is_recreated_from_the_ledger(unique_name):
     try:
         worker.do("acquire 3")
         coord.stop(signal.SIGKILL)
-        posix_ipc.unlink_semaphore(ipc_names(unique_name)[1])  # e.g. systemd RemoveIPC=yes
+        os.unlink(_semaphore_path(unique_name))  # e.g. someone's rm
         with coordinator(unique_name, 4) as second:
             assert "recreated the missing semaphore with 1 free permit(s)" in second.log()
             assert sem_free(unique_name) == 1  # the live worker's 3 permits stay counted
@@ -361,31 +379,40 @@ def test_missing_semaphore_is_recreated_from_the_ledger(unique_name):
     finally:
         worker.kill()
         coord.close()
-        unlink(unique_name)
+        remove_pool_objects(unique_name)
 
 
-def test_recreated_semaphore_gives_back_the_permits_of_waiters(unique_name):
-    """Rebuilt while a thread waits: counted as holding at first, its permit comes back once it keeps waiting."""
+def test_recreated_semaphore_serves_a_waiter_that_was_blocked(unique_name):
+    """A waiter blocked at the old semaphore is counted as holding, then served by the new one."""
     coord = CoordinatorProc(unique_name, 3, remove_on_exit=False)
-    ledger = Ledger.attach(unique_name)
+    holder, waiter = GateWorker(unique_name), GateWorker(unique_name, timeout=10.0)
     try:
-        # this (live) process poses as a worker whose thread is blocked waiting, holding nothing
-        index = ledger.claim_slot(os.getpid(), process_start_time(os.getpid()))
-        ledger.slots[index].inflight = ledger.slots[index].waiting = 1
+        holder.do("acquire 3")
+        waiter.proc.stdin.write("acquire 1\n")
+        waiter.proc.stdin.flush()
+        time.sleep(0.3)
         coord.stop(signal.SIGKILL)
-        posix_ipc.unlink_semaphore(ipc_names(unique_name)[1])
+        os.unlink(_semaphore_path(unique_name))
         with coordinator(unique_name, 3) as second:
-            assert "recreated the missing semaphore with 2 free permit(s) (1 waiting" in second.log()
-            assert wait_until(lambda: sem_free(unique_name) == 3, 3.0), "the waiter's permit stays missing"
-            assert "audit returned 1 leaked permit" in second.log()
-            ledger.slots[index].inflight = ledger.slots[index].waiting = 0
-            ledger.free_slot(index)
-            time.sleep(0.7)
-            assert sem_free(unique_name) == 3  # and nothing more
+            assert "recreated the missing semaphore with 0 free permit(s)" in second.log()
+            holder.do("release 1")
+            assert read_ok(waiter) and sem_free(unique_name) == 0
+            time.sleep(1.0)
+            assert sem_free(unique_name) == 0 and "audit returned" not in second.log()
+            holder.exit()
+            waiter.exit()
+            assert sem_free(unique_name) == 3
     finally:
-        ledger.close()
+        holder.kill()
+        waiter.kill()
         coord.close()
-        unlink(unique_name)
+        remove_pool_objects(unique_name)
+
+
+def read_ok(worker: GateWorker) -> bool:
+    from helpers_procs import read_line
+
+    return read_line(worker.proc, 10.0).startswith("ok")
 
 
 def test_exit_when_idle(unique_name):
@@ -418,42 +445,42 @@ def test_exit_with_parent_waits_for_its_workers(unique_name):
 
 def test_exit_notice_reclaims_at_once(unique_name):
     """gunicorn's child_exit sends "exit PID": the coordinator acts without waiting for pidfd."""
-    from sharedpool import channel
-
     with coordinator(unique_name, 2):
         worker = GateWorker(unique_name)
         worker.do("acquire 2")
         worker.kill()
-        channel.send(channel.coordinator_address(unique_name), f"exit {worker.pid}".encode())
+        channel.send(PoolNames(unique_name), CONTROL_SOCKET, f"exit {worker.pid}".encode())
         assert wait_until(lambda: sem_free(unique_name) == 2, 2.0)
 
 
-def test_sighup_reconciles_and_keeps_running(unique_name):
-    with coordinator(unique_name, 2) as coord:
-        coord.proc.send_signal(signal.SIGHUP)
-        assert wait_until(lambda: "SIGHUP: reconciling" in coord.log(), 2.0)
-        assert coord.proc.poll() is None
+def test_sighup_counts_exactly_and_frees_a_waiter(unique_name):
+    """A permit taken outside any slot is invisible to the strict audit while a waiter blocks;
+    SIGHUP makes the coordinator hold the pool and count exactly, and the waiter gets it."""
+    with coordinator(unique_name, 1) as coord:
+        ledger = Ledger.attach(unique_name)
+        waiter = GateWorker(unique_name, timeout=15.0)
+        try:
+            ledger.sem.acquire(0)  # a leak no slot records
+            waiter.proc.stdin.write("acquire 1\n")
+            waiter.proc.stdin.flush()
+            time.sleep(1.5)
+            assert ledger.sem.value == 0 and waiter.proc.poll() is None  # still blocked: nothing posted
+            coord.proc.send_signal(signal.SIGHUP)
+            assert read_ok(waiter), coord.log()
+            assert "audit returned 1 leaked permit(s) (exact count)" in coord.log()
+            assert coord.proc.poll() is None
+        finally:
+            ledger.close()
+            waiter.kill()
 
 
-def test_bad_or_foreign_budget_requests_are_ignored(unique_name):
-    """Budget 0, a budget beyond the semaphore's range, or any request from another user: logged, ignored."""
-    from sharedpool import channel
-
-    address = channel.coordinator_address(unique_name)
+def test_bad_budget_requests_are_ignored(unique_name):
+    """Budget 0, a budget beyond the semaphore's range, a word: logged, ignored; a good one applies."""
+    names = PoolNames(unique_name)
     with coordinator(unique_name, 2) as coord:
         for bad in ("0", str(2**40), "-3", "two"):
-            assert channel.send(address, f"budget {bad}".encode())
+            assert channel.send(names, CONTROL_SOCKET, f"budget {bad}".encode())
             assert wait_until(lambda: f"ignored budget request {bad!r}" in coord.log(), 2.0), coord.log()
-        if os.geteuid() == 0:
-            child = os.fork()
-            if child == 0:  # another user on the host
-                try:
-                    os.setuid(65534)
-                    channel.send(address, b"budget 1")
-                finally:
-                    os._exit(0)
-            os.waitpid(child, 0)
-            assert wait_until(lambda: "from uid 65534" in coord.log(), 2.0), coord.log()
         assert coord.proc.poll() is None
         ledger = Ledger.attach(unique_name)
         try:
