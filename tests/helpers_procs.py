@@ -71,7 +71,7 @@ class CoordinatorProc:
             if not Ledger.exists(self.name):
                 return False
             with contextlib.suppress(Exception):
-                return "ready" in self.log()
+                return "ready, budget" in self.log()
             return False
 
         assert wait_until(ready, timeout), f"coordinator {self.name} was not ready in {timeout} s"

@@ -8,12 +8,22 @@ import subprocess
 import sys
 import time
 
-import posix_ipc
 import pytest
 
-from sharedpool.ledger import Ledger, ipc_names, lock_path, unlink
+from sharedpool.ledger import Ledger
+from sharedpool.names import PoolNames
 
-from helpers_procs import CoordinatorProc, GateWorker, coordinator, read_line, run_cli, sem_free, wait_until
+from helpers_procs import (
+    PYTHON,
+    CoordinatorProc,
+    GateWorker,
+    coordinator,
+    read_line,
+    remove_pool_objects,
+    run_cli,
+    sem_free,
+    wait_until,
+)
 
 
 def test_status_json_fields(unique_name):
@@ -71,42 +81,95 @@ def test_status_without_coordinator_says_so(unique_name):
         assert json.loads(run_cli("status", "--name", unique_name, "--json").stdout)["coordinator"]["alive"] is False
     finally:
         coord.close()
-        unlink(unique_name)
+        remove_pool_objects(unique_name)
 
 
 def test_status_of_missing_pool(unique_name):
     out = run_cli("status", "--name", unique_name)
     assert out.returncode == 1
-    assert f"sharedpool status: pool '{unique_name}': no ledger at /dev/shm/sharedpool.{unique_name}" in out.stderr
+    assert f"sharedpool status: pool '{unique_name}': no pool directory /dev/shm/sharedpool.{unique_name}.d" in out.stderr
     assert "Traceback" not in out.stderr
 
 
-def test_cleanup_refuses_with_live_workers(unique_name):
-    with coordinator(unique_name, 2):
-        worker = GateWorker(unique_name)
-        try:
-            out = run_cli("cleanup", "--name", unique_name)
-            assert out.returncode == 1
-            assert f"pool '{unique_name}' has 1 live worker(s) ({worker.pid}); use --force" in out.stderr
-            assert Ledger.exists(unique_name)
-        finally:
-            worker.exit()
+def test_cleanup_refuses_while_a_coordinator_runs(unique_name):
+    with coordinator(unique_name, 2, remove_on_exit=False) as coord:
+        for args in ([], ["--force"]):
+            out = run_cli("cleanup", "--name", unique_name, *args)
+            assert out.returncode == 1, out.stdout
+            assert f"pool '{unique_name}': a coordinator (pid {coord.pid}) runs; stop it first" in out.stderr
+            assert Ledger.exists(unique_name) and "Traceback" not in out.stderr
+        coord.stop()
         out = run_cli("cleanup", "--name", unique_name)
-        assert out.returncode == 0 and f"removed /dev/shm/sharedpool.{unique_name}" in out.stdout
-        assert f"removed {lock_path(unique_name)}" in out.stdout  # the coordinator's lock file too
-        assert not Ledger.exists(unique_name) and not os.path.exists(lock_path(unique_name))
+        assert out.returncode == 0, out.stderr
+        assert f"removed {PoolNames(unique_name).directory}" in out.stdout and "removed /dev/shm/sem.sharedpool." in out.stdout
+        assert not os.path.exists(PoolNames(unique_name).directory) and not PoolNames(unique_name).stray_semaphores()
     assert "nothing to remove" in run_cli("cleanup", "--name", unique_name).stdout
 
 
-def test_cleanup_force_and_corrupt_segment(unique_name):
-    shm = posix_ipc.SharedMemory(ipc_names(unique_name)[0], posix_ipc.O_CREX, mode=0o600, size=64)
-    os.close(shm.fd)
-    out = run_cli("cleanup", "--name", unique_name)  # corrupt: removing it is the point
-    assert out.returncode == 0 and "removed" in out.stdout
-    assert not Ledger.exists(unique_name)
+def test_cleanup_refuses_live_workers_and_force_says_what_it_breaks(unique_name):
+    with coordinator(unique_name, 2, remove_on_exit=False) as coord:
+        worker = GateWorker(unique_name)
+        try:
+            worker.do("acquire 1")
+            coord.stop()
+            out = run_cli("cleanup", "--name", unique_name)
+            assert out.returncode == 1
+            assert f"pool '{unique_name}': live worker(s) use it (pids {worker.pid}); stop them first, or use --force" in out.stderr
+            assert Ledger.exists(unique_name)
+            out = run_cli("cleanup", "--name", unique_name, "--force")
+            assert out.returncode == 0, out.stderr
+            assert f"removed while live worker(s) (pids {worker.pid}) still use it: they keep their connections outside any budget" in out.stderr
+            assert not Ledger.exists(unique_name)
+        finally:
+            worker.kill()
 
 
-def test_reload_raises_and_lowers_budget(unique_name):
+def test_cleanup_removes_a_corrupt_ledger(unique_name):
+    names = PoolNames(unique_name)
+    os.makedirs(names.directory, mode=0o700)
+    with open(names.path("ledger"), "wb") as f:
+        f.write(b"garbage" * 10)
+    out = run_cli("cleanup", "--name", unique_name)  # corrupt and unused: removing it is the point
+    assert out.returncode == 0 and "removed" in out.stdout, out.stderr
+    assert not os.path.exists(names.directory)
+
+
+def test_killed_restarted_coordinators_and_forced_cleanups_never_make_two_budgets(unique_name):
+    """Interleave SIGKILLed and restarted coordinators with `cleanup --force`: one budget at any time."""
+    import random
+
+    names = PoolNames(unique_name)
+    rng = random.Random(7)
+    running: list[CoordinatorProc] = []
+    try:
+        for _ in range(16):
+            step = rng.choice(["start", "start", "kill", "cleanup"])
+            if step == "start":
+                proc = CoordinatorProc(unique_name, 2, remove_on_exit=False, wait=False)
+                running.append(proc)
+                wait_until(lambda: proc.proc.poll() is not None or "ready, budget" in proc.log(), 10.0)
+            elif step == "kill" and running:
+                running.pop(0).stop(signal.SIGKILL)
+            elif step == "cleanup":
+                run_cli("cleanup", "--name", unique_name, "--force")
+            running = [p for p in running if p.proc.poll() is None]
+            assert len(running) <= 1, "two coordinators run for one pool"
+            semaphores = names.stray_semaphores()
+            assert len(semaphores) <= 1, f"two semaphores for one pool: {semaphores}"
+            if running:
+                ledger = Ledger.attach(unique_name)
+                try:
+                    assert semaphores == [names.semaphore_path(ledger.token)]
+                    assert ledger.header.coordinator_pid == running[0].pid and ledger.sem.value == 2
+                finally:
+                    ledger.close()
+    finally:
+        for proc in running:
+            proc.close()
+        remove_pool_objects(unique_name)
+
+
+def test_reload_raises_at_once_and_a_cut_converges(unique_name):
     with coordinator(unique_name, 3) as coord:
         holder = GateWorker(unique_name, timeout=0.2)
         try:
@@ -115,29 +178,44 @@ def test_reload_raises_and_lowers_budget(unique_name):
             assert out.returncode == 0 and f"pool '{unique_name}': budget 5" in out.stdout, out.stderr
             assert sem_free(unique_name) == 2
             holder.do("acquire 2")  # the new permits are usable at once
-            # lower to 2 while 5 are held: nothing is taken away, permits retire as they free
-            out = run_cli("reload", "--name", unique_name, "--budget", "2")
-            assert out.returncode == 0, out.stderr
+            # cut to 2 while 5 are held: nothing is taken away, returning permits retire first
+            waiter = GateWorker(unique_name, timeout=5.0)
+            waiter.proc.stdin.write("acquire 1\n")
+            waiter.proc.stdin.flush()
+            reload = subprocess.Popen([PYTHON, "-m", "sharedpool.coordinator", "reload", "--name", unique_name,
+                                       "--budget", "2", "--wait", "20"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
             ledger = Ledger.attach(unique_name)
             try:
-                assert ledger.header.budget == 2 and ledger.header.physical == 5
-                holder.do("release 2")
-                assert wait_until(lambda: ledger.header.physical == 3, 2.0), "retirement of freed permits"
-                assert ledger.sem.value == 0
+                assert wait_until(lambda: ledger.header.budget == 2, 5.0)
+                assert ledger.header.physical == 5 and ledger.header.retire_debt == 3
+                holder.do("release 3")  # all three retire, none reaches the waiter
+                assert wait_until(lambda: ledger.header.physical == 2, 2.0), "retirement of returned permits"
+                assert ledger.sem.value == 0 and waiter.proc.poll() is None
+                out, err = reload.communicate(timeout=10)
+                assert reload.returncode == 0 and f"budget 2 (within it after" in out, err
                 holder.do("release 1")
-                assert wait_until(lambda: ledger.header.physical == 2, 2.0), "retirement down to the budget"
-                assert ledger.sem.value == 0  # 2 held, 2 in circulation: none free
-                holder.do("release 1")
-                assert wait_until(lambda: ledger.sem.value == 1, 2.0)
-                time.sleep(0.3)
-                assert ledger.header.physical == 2 and ledger.sem.value == 1  # the budget is kept, not undercut
-                assert ledger.header.reloads == 2
+                assert read_line(waiter.proc, 5.0).startswith("ok")  # now the waiter is served
+                assert ledger.header.physical == 2 and ledger.header.reloads == 2
             finally:
                 ledger.close()
+                waiter.exit()
         finally:
             holder.exit()
         assert sem_free(unique_name) == 2
         assert "budget 3 -> 5" in coord.log() and "budget 5 -> 2" in coord.log()
+
+
+def test_reload_that_cannot_converge_names_the_holders(unique_name):
+    with coordinator(unique_name, 3):
+        holder = GateWorker(unique_name)
+        try:
+            holder.do("acquire 3")
+            out = run_cli("reload", "--name", unique_name, "--budget", "1", "--wait", "1")
+            assert out.returncode == 1
+            assert f"budget 1 applied, but 2 permit(s) above it are still held after 1 s: pid {holder.pid} held 3" in out.stderr
+        finally:
+            holder.exit()
 
 
 def test_reload_without_coordinator(unique_name):
@@ -149,7 +227,7 @@ def test_reload_without_coordinator(unique_name):
         assert f"no coordinator is running for pool '{unique_name}'" in out.stderr
     finally:
         coord.close()
-        unlink(unique_name)
+        remove_pool_objects(unique_name)
 
 
 @pytest.mark.parametrize(
@@ -178,20 +256,20 @@ def test_bad_arguments_are_named(args, message):
     assert "Traceback" not in out.stderr
 
 
-def test_coordinator_refuses_corrupt_segment_naming_it(unique_name):
-    shm_name, sem_name = ipc_names(unique_name)
-    shm = posix_ipc.SharedMemory(shm_name, posix_ipc.O_CREX, mode=0o600, size=4096)
-    os.pwrite(shm.fd, b"NOTALEDGER" * 10, 0)
-    os.close(shm.fd)
-    posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=0o600, initial_value=1).close()
+def test_coordinator_refuses_corrupt_ledger_naming_it(unique_name):
+    names = PoolNames(unique_name)
+    os.makedirs(names.directory, mode=0o700)
+    fd = os.open(names.path("ledger"), os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"NOTALEDGER" * 100)
+    os.close(fd)
     try:
         out = run_cli("coordinator", "--name", unique_name, "--budget", "2")
         assert out.returncode == 1
-        assert f"sharedpool coordinator: pool '{unique_name}': /dev/shm/sharedpool.{unique_name} is not a sharedpool ledger" in out.stderr
+        assert f"sharedpool coordinator: pool '{unique_name}': {names.path('ledger')} is not a sharedpool ledger" in out.stderr
         assert f"remove it with `sharedpool cleanup --name {unique_name}`" in out.stderr
         assert "Traceback" not in out.stderr
     finally:
-        unlink(unique_name)
+        remove_pool_objects(unique_name)
 
 
 def test_second_coordinator_is_refused(unique_name):
