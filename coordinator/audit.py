@@ -4,9 +4,9 @@ Coordinator only. Inputs are plain values read from one stable view of the
 ledger (``SlotFacts``), the semaphore's value and the coordinator's own
 count of permits in circulation (``physical``, never the header's); outputs
 are numbers the daemon acts on. Nothing here can over-grant: a permit is
-posted only when it is provably missing, counting every operation in flight
-as holding one and refusing to decide while a live slot's numbers are not
-its owner's (a failed check value).
+posted only when it is provably missing (a dead owner's own verified record,
+or an exact count), never while a live slot's numbers are not its owner's
+(a failed check value).
 
 Where a worker died in the middle of a permit operation, or its slot was
 scribbled over, only an exact count can tell what leaked: the daemon raises
@@ -34,16 +34,17 @@ class SlotFacts:
 def reclaimable(dead: SlotFacts, physical: int, free: int, others: list[SlotFacts]) -> int:
     """Permits of a dead worker (its backends gone) that may be posted right now.
 
-    Only a verified slot with no operation in flight is taken at its word,
-    and never beyond what is missing once every other slot's recorded and
-    in-flight permits are counted as held. The rest waits for an exact count.
+    Only a verified slot with no operation in flight is taken at its word:
+    its owner recorded exactly those permits and can no longer move them.
+    As a cap against a forged record, never more than ``physical - free -``
+    what the other slots record, and nothing while a live slot's numbers are
+    not its owner's. Whatever is left waits for an exact count.
     """
     if not dead.verified or dead.inflight:
         return 0
     if any(not s.verified for s in others if s.alive):
         return 0
-    others_hold = sum(s.held + s.inflight for s in others)
-    return max(0, min(dead.held, physical - free - others_hold))
+    return max(0, min(dead.held, physical - free - sum(s.held for s in others)))
 
 
 def needs_exact_count(dead: SlotFacts, posted: int) -> bool:

@@ -251,16 +251,22 @@ def byte_locked(fd: int, offset: int, length: int = 1) -> bool:
 def locked_bytes(fd: int, start: int, count: int) -> set[int]:
     """The offsets in [start, start + count) that another open file description holds locked.
 
-    One F_OFD_GETLK per held byte plus one, not one per byte.
+    F_OFD_GETLK reports one conflicting lock, not necessarily the lowest, so
+    the ranges on both sides of it are asked again: one call per held range
+    plus one per gap, not one per byte.
     """
     held: set[int] = set()
-    end = start + count
-    while start < end:
-        request = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, end - start, 0)
+    ranges = [(start, start + count)]
+    while ranges:
+        low, high = ranges.pop()
+        if low >= high:
+            continue
+        request = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, low, high - low, 0)
         kind, _, lock_start, lock_len, _ = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, request))
         if kind == fcntl.F_UNLCK:
-            break
-        stop = end if lock_len == 0 else min(end, lock_start + lock_len)
-        held.update(range(max(lock_start, start), stop))
-        start = stop
+            continue
+        first = max(lock_start, low)
+        stop = high if lock_len == 0 else min(high, lock_start + lock_len)
+        held.update(range(first, stop))
+        ranges += [(low, first), (stop, high)]
     return held

@@ -328,7 +328,6 @@ def torture_gate_worker(name: str, budget: int, dsn: str) -> None:
 
     _lower_priority()
     gate = PermitGate(Ledger.attach(name))
-    gate.register()
     rng = random.Random(os.getpid())
     while True:
         gate.acquire(60)
@@ -345,7 +344,7 @@ def torture_gate_worker(name: str, budget: int, dsn: str) -> None:
             else:
                 cur.execute("SELECT 1")
                 time.sleep(rng.uniform(0, 0.02))
-        close_synchronously(conn)
+        assert close_synchronously(conn) is None, "the backend did not exit"
         gate.release()
 
 
@@ -465,17 +464,34 @@ class PeakSampler(threading.Thread):
         self.peak = 0
         self.samples = 0
         self.last = 0
+        self.seen: dict[int, object] = {}  # backend pid -> backend_start, every backend ever sampled
         self.error: BaseException | None = None
         self._stop_event = threading.Event()
 
     def count(self) -> int:
         with self.conn.cursor() as cur:
             cur.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                "SELECT pid, backend_start FROM pg_stat_activity WHERE backend_type = 'client backend' "
                 "AND application_name = %s",
                 (self.app_name,),
             )
-            return cur.fetchone()[0]
+            rows = cur.fetchall()
+        self.seen.update(rows)
+        return len(rows)
+
+    def server_now(self) -> object:
+        """The server's clock, to compare with backend_start (a separate connection: no thread shares one)."""
+        conn = psycopg2.connect(self.conn.dsn, application_name="test-sampler-clock")
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT clock_timestamp()")
+                return cur.fetchone()[0]
+        finally:
+            conn.close()
+
+    def started_since(self, mark: object) -> int:
+        """Backends of the pool the server started after ``mark`` (server time), as sampled."""
+        return sum(1 for started in list(self.seen.values()) if started > mark)
 
     def run(self) -> None:
         try:

@@ -34,7 +34,7 @@ def hoarder(pool) -> None:
             query(conn)
         for conn in conns:
             pool.putconn(conn)
-        say(idle=pool.get_stats()["pool_available"], sheds=pool.budget.slot.sheds)
+        say(idle=pool.get_stats()["pool_available"], sheds=pool.budget.gate.account.counts['sheds'])
 
 
 def needer(pool) -> None:
@@ -72,9 +72,9 @@ def loop(pool, seconds: float, period: float, discard: bool) -> None:
             time.sleep(period - elapsed)
         second = int(seconds - (deadline - time.monotonic()))
         opened_at[second] = pool.get_stats()["connections_num"]
-    slot = pool.budget.slot
+    counts = pool.budget.gate.account.counts
     say(done=done, timeouts=timeouts, opened_by_second=opened_at, opened=pool.get_stats()["connections_num"],
-        grants=slot.grants, waits=slot.waits, wait_ms=round(slot.wait_ms), sheds=slot.sheds)
+        grants=counts["grants"], waits=counts["waits"], wait_ms=round(counts["wait_ms"]), sheds=counts["sheds"])
 
 
 def holder(pool, count: int) -> None:

@@ -218,3 +218,30 @@ def test_bad_group_fails_before_creating_anything(unique_name):
     with pytest.raises(LedgerError, match="GROUP 'no-such-group-xyz' is not a group on this host"):
         Ledger.create(unique_name, 2, nslots=4, group="no-such-group-xyz")
     assert not [e for e in os.listdir("/dev/shm") if unique_name in e]
+
+
+def test_locked_bytes_finds_every_held_lock(tmp_path):
+    """F_OFD_GETLK reports any one conflicting lock: the scan must still find them all (none missed = none
+    mistaken for dead)."""
+    import random
+
+    from sharedpool.names import lock_byte, locked_bytes
+
+    path = tmp_path / "locks"
+    path.write_bytes(b"")
+    holder = os.open(path, os.O_RDWR)
+    viewer = os.open(path, os.O_RDWR)
+    try:
+        rng = random.Random(3)
+        for _ in range(20):
+            wanted = set(rng.sample(range(64, 64 + 256), rng.randint(0, 60)))
+            for offset in range(64, 64 + 256):
+                from sharedpool.names import unlock_byte
+
+                unlock_byte(holder, offset)
+            for offset in wanted:
+                assert lock_byte(holder, offset)
+            assert locked_bytes(viewer, 64, 256) == wanted
+    finally:
+        os.close(holder)
+        os.close(viewer)
