@@ -12,6 +12,8 @@ variables win. Entries copied from the usual guides work as they are:
 - ``CONN_MAX_AGE`` > 0 bounds a pooled connection's age (RECYCLE); the
   connection itself goes back to the shared pool after every request
   whatever CONN_MAX_AGE says (base.py).
+- ``CONN_HEALTH_CHECKS: True`` makes PRE_PING 0 (a ping at every checkout)
+  unless PRE_PING is set.
 - django-db-connection-pool's ``MAX_OVERFLOW`` is ignored with a warning and
   its ``PRE_PING: True/False`` means "ping on every checkout" / "never".
 """
@@ -104,6 +106,8 @@ def _resolve(settings_dict: Mapping[str, Any], alias: str, env: Mapping[str, str
             log.warning("sharedpool: %s['POOL_OPTIONS']['%s'] is ignored: %s", where, key, IGNORED_OPTIONS[key])
     if isinstance(values.get("PRE_PING"), bool):  # SQLAlchemy's pool_pre_ping habit
         values["PRE_PING"] = 0.0 if values["PRE_PING"] else None
+    if settings_dict.get("CONN_HEALTH_CHECKS"):
+        values.setdefault("PRE_PING", 0.0)  # Django checks at each request's first use: ping every checkout
     values.setdefault("NAME", default_name(settings_dict, alias, env))
     source = _pool_size_source(settings_dict, options, where, env)
     if "POOL_SIZE" in settings_dict:
