@@ -65,6 +65,16 @@ def local_waiting(slot: SlotView) -> int:
     return getattr(slot, "local_waiting", 0)
 
 
+def in_use(slot: SlotView) -> int:
+    """Connections of the slot checked out by application code.
+
+    The worker counts a checkout in ``in_use`` as soon as it reserves a
+    connection, before it holds a permit; only permits held and not idle are
+    open connections in use.
+    """
+    return max(0, min(slot.in_use, slot.held - slot.idle))
+
+
 def max_wait(snap: Snapshot, now: float) -> float:
     """Seconds the longest current permit wait has lasted (PgBouncer's maxwait), 0 if none."""
     return max((now - s.wait_since for s in snap.slots if s.waiting and s.wait_since), default=0.0)
@@ -85,7 +95,7 @@ def snapshot_dict(
                 "alive": is_alive(s.pid, s.start_time),
                 "held": s.held,
                 "idle": s.idle,
-                "in_use": s.in_use,
+                "in_use": in_use(s),
                 "waiting": s.waiting,
                 "waiting_local": local_waiting(s),
                 "wait_s": round(now - s.wait_since, 3) if s.waiting and s.wait_since else 0.0,
@@ -105,7 +115,7 @@ def snapshot_dict(
         "free": snap.free,
         "held": snap.held,
         "idle": sum(s.idle for s in snap.slots),
-        "in_use": sum(s.in_use for s in snap.slots),
+        "in_use": sum(w["in_use"] for w in workers),
         "processes": sum(w["alive"] for w in workers),
         "waiting": snap.waiting,
         "waiting_local": sum(w["waiting_local"] for w in workers),
