@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     metrics = sub.add_parser(
         "metrics",
         help="serve Prometheus metrics of one or more pools over HTTP",
-        description="Serve /metrics; each scrape reads the pools' ledgers afresh and follows a pool that was "
-        "recreated. A pool that does not exist (yet) is reported with sharedpool_up 0.",
+        description="Serve /metrics; each scrape takes a fresh snapshot of each pool's ledger and re-attaches "
+        "a pool that was recreated. A pool named with --name that does not exist (yet) is reported with "
+        "sharedpool_up 0. Labels: pool only.",
     )
     metrics.add_argument("--name", type=_pool_name, action="append",
                          help="pool name (repeat for several; default: every pool on the host at each scrape)")
