@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
@@ -14,12 +15,23 @@ from typing import Any
 from sharedpool import channel
 from sharedpool.config import ENV_PREFIX, SETTINGS, PoolConfig, integer, seconds
 from sharedpool.errors import SharedPoolError
-from sharedpool.ledger import DEFAULT_SLOTS, Ledger
+from sharedpool.ledger import DEFAULT_SLOTS, Ledger, Snapshot
 from sharedpool.names import CONTROL_SOCKET, PoolNames
 
 from .daemon import Coordinator, Options
 from .lifecycle import remove_pool
-from .status import format_table, snapshot_dict
+from .status import (
+    Follower,
+    backends_report,
+    format_backends,
+    format_pools,
+    format_table,
+    pool_names,
+    server_sessions,
+    snapshot_dict,
+)
+
+METRICS_PORT = 10187  # outside 9100-9999 (fully allocated on the Prometheus port wiki); not postgres_exporter's 9187
 
 
 def _pool_name(value: str) -> str:
@@ -50,11 +62,19 @@ def _group_option(parser: argparse.ArgumentParser) -> None:
                         help=f"OS group sharing the pool (default: ${ENV_PREFIX}GROUP, else none)")
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("sharedpool")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sharedpool",
         description="Per-host PostgreSQL connection budget shared by all worker processes.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
@@ -77,18 +97,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--exit-with", type=_setting(integer(1, 2**22), "--exit-with"), metavar="PID", help="exit (after its workers are gone) when process PID exits")
     run.add_argument("-v", "--verbose", action="store_true", help="also log every worker registration (DEBUG)")
 
-    status = sub.add_parser("status", help="show budget, free permits, workers, counters, heartbeat")
-    status.add_argument("--name", type=_pool_name, default="default", help="pool name (default: %(default)s)")
+    status = sub.add_parser(
+        "status",
+        help="show every pool of the host, or one pool in detail (budget, free, held, waits, workers)",
+        description="Without --name, one row per pool on this host (like PgBouncer's SHOW POOLS): WAIT counts "
+        "threads waiting for a permit across processes, QUEUED threads queued inside their process "
+        "(MAX_PER_PROCESS), MAXWAIT the longest current permit wait, OPEN/S the churn. With --name, that "
+        "pool in detail with one row per worker process.",
+    )
+    status.add_argument("--name", type=_pool_name, help="show this pool in detail (default: list every pool)")
     _group_option(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--backends", action="store_true",
+                        help="list each recorded server connection: backend pid, worker pid, worker state")
+    status.add_argument("--dsn", help="also read pg_stat_activity through this connection string (implies "
+                        "--backends): server state of each backend, orphan backends, ledger/server disagreement")
     status.add_argument("--watch", type=_setting(_SECONDS, "--watch"), metavar="SECONDS", help="repeat every SECONDS until interrupted")
     status.add_argument("--rate-window", type=_setting(_SECONDS, "--rate-window"), default=1.0, metavar="SECONDS",
                         help="measure rates (connections opened per second, sheds, waits) over SECONDS before the "
                         "first report; 0: no rates (default: %(default)s)")
 
-    metrics = sub.add_parser("metrics", help="serve Prometheus metrics of one or more pools over HTTP")
-    metrics.add_argument("--name", type=_pool_name, action="append", required=True, help="pool name (repeat for several)")
-    metrics.add_argument("--port", type=_setting(integer(1, 65535), "--port"), default=9187, help="TCP port (default: %(default)s)")
+    metrics = sub.add_parser(
+        "metrics",
+        help="serve Prometheus metrics of one or more pools over HTTP",
+        description="Serve /metrics; each scrape takes a fresh snapshot of each pool's ledger and re-attaches "
+        "a pool that was recreated. A pool named with --name that does not exist (yet) is reported with "
+        "sharedpool_up 0. Labels: pool only.",
+    )
+    metrics.add_argument("--name", type=_pool_name, action="append",
+                         help="pool name (repeat for several; default: every pool on the host at each scrape)")
+    metrics.add_argument("--port", type=_setting(integer(1, 65535), "--port"), default=METRICS_PORT, help="TCP port (default: %(default)s)")
     metrics.add_argument("--addr", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     _group_option(metrics)
 
@@ -151,25 +189,64 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    ledger = Ledger.attach(args.name, group=args.group, mapped=False)
+    follower = Follower(args.group)
+    backends = args.backends or args.dsn is not None
     try:
-        previous, taken = None, time.monotonic()
+        previous, taken = {}, time.monotonic()
         if args.rate_window:
-            previous = ledger.snapshot()
+            previous = _read_pools(follower, args.name)
             time.sleep(args.rate_window)
         while True:
             now = time.monotonic()
-            snap = ledger.snapshot()
-            status = snapshot_dict(snap, previous=previous, elapsed=now - taken)
-            print(json.dumps(status) if args.json else format_table(status), flush=True)
+            snaps = _read_pools(follower, args.name)
+            statuses = []
+            for name, (snap, same) in snaps.items():
+                if isinstance(snap, str):
+                    statuses.append({"name": name, "error": snap})
+                    continue
+                earlier = previous.get(name, (None, False))[0] if same else None
+                status = snapshot_dict(snap, previous=earlier if not isinstance(earlier, str) else None, elapsed=now - taken)
+                if backends:
+                    server = server_sessions(args.dsn, name, [b for w in status["workers"] for b in w["backends"]]) if args.dsn else None
+                    status["backends"] = backends_report(status, server)
+                statuses.append(status)
+            print(_render(statuses, args.name is not None, args.json), flush=True)
             if args.watch is None:
                 return 0
-            previous, taken = snap, now
+            previous, taken = snaps, now
             time.sleep(args.watch)
             if not args.json:
                 print()
     finally:
-        ledger.close()
+        follower.close()
+
+
+def _read_pools(follower: Follower, name: str | None) -> dict[str, tuple[Snapshot | str, bool]]:
+    """Snapshot pool NAME (its errors raise) or every pool of the host (an error becomes its text)."""
+    if name is not None:
+        ledger, same = follower.get(name)
+        return {name: (ledger.snapshot(), same)}
+    snaps: dict[str, tuple[Snapshot | str, bool]] = {}
+    names = pool_names()
+    for gone in set(follower.ledgers) - set(names):
+        follower.drop(gone)
+    for pool in names:
+        try:
+            ledger, same = follower.get(pool)
+            snaps[pool] = (ledger.snapshot(), same)
+        except SharedPoolError as exc:
+            snaps[pool] = (str(exc), False)
+    return snaps
+
+
+def _render(statuses: list[dict[str, Any]], one: bool, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(statuses[0] if one else statuses)
+    parts = [format_table(statuses[0]) if one else format_pools(statuses)]
+    for status in statuses:
+        if "backends" in status:
+            parts.append(f"backends of pool {status['name']!r}:\n{format_backends(status['backends'])}")
+    return "\n\n".join(parts)
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
@@ -180,14 +257,16 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         return 1
     from .metrics import LedgerCollector
 
-    ledgers = [Ledger.attach(name, group=args.group, mapped=False) for name in args.name]
     stop = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # before the server thread starts: it inherits the mask
     registry = CollectorRegistry()
-    registry.register(LedgerCollector(ledgers))
+    collector = LedgerCollector(args.name, group=args.group)
+    registry.register(collector)
     start_http_server(args.port, addr=args.addr, registry=registry)
-    print(f"serving metrics of {', '.join(args.name)} on http://{args.addr}:{args.port}/metrics", file=sys.stderr, flush=True)
+    pools = ", ".join(args.name) if args.name else "every pool on this host"
+    print(f"serving metrics of {pools} on http://{args.addr}:{args.port}/metrics", file=sys.stderr, flush=True)
     signal.sigwait(stop)
+    collector.close()
     return 0
 
 

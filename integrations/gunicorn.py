@@ -72,10 +72,7 @@ def on_starting(server) -> None:
     arbiter_pid = os.getpid()
     pools = _pool_list()
     if not pools:
-        server.log.warning(
-            "sharedpool: no pool found (no sharedpool ENGINE in DATABASES, no SHAREDPOOL_POOL_SIZE); "
-            "the hooks do nothing"
-        )
+        server.log.warning("sharedpool: %s; the hooks do nothing", servers.no_pool_found())
     for config in pools:
         pid = servers.running_coordinator(config)
         if pid is not None:

@@ -68,6 +68,21 @@ def pool_configs(environ: Mapping[str, str] | None = None) -> list[PoolConfig]:
     return []
 
 
+def no_pool_found(environ: Mapping[str, str] | None = None) -> str:
+    """Say why pool_configs() found no pool, in words that tell the operator what to set."""
+    env = os.environ if environ is None else environ
+    if not env.get("DJANGO_SETTINGS_MODULE"):
+        return (
+            "no pool found: DJANGO_SETTINGS_MODULE is not set in this (the arbiter's) environment, so "
+            "DATABASES cannot be read; set it where the server starts (export it, or gunicorn "
+            "--env DJANGO_SETTINGS_MODULE=mysite.settings), or set SHAREDPOOL_NAME and SHAREDPOOL_POOL_SIZE"
+        )
+    return (
+        f"no pool found: no DATABASES entry of {env['DJANGO_SETTINGS_MODULE']} uses ENGINE "
+        f"{DJANGO_ENGINE!r}, and SHAREDPOOL_POOL_SIZE is not set"
+    )
+
+
 # -- the coordinator -------------------------------------------------------------------------------
 
 

@@ -155,8 +155,10 @@ def _bool(key: str, value: Any) -> bool:
 
 
 def _name(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise ConfigError(f"{key} must be 1-40 characters of [A-Za-z0-9_-], got {value!r}")
+    if value.startswith("-"):
+        raise ConfigError(f"{key} must not start with '-' (the coordinator command would read it as an option), got {value!r}")
     return value
 
 

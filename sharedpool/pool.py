@@ -197,6 +197,7 @@ class LocalPool:
                 raise budget.gate.timeout_error(timeout)
             conn = self._connect(*self._connect_args, **self._connect_kwargs,
                                  connect_timeout=self._connect_timeout(left))
+            _set_check_interval(conn, self.config)
         except BaseException as exc:
             account.connecting_changed(-1)
             with budget.lock:
@@ -423,13 +424,36 @@ def drop_without_io(conn: Any) -> None:
 
 
 def _with_server_options(config: PoolConfig, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """Tag connections and let the server drop the backends of dead workers quickly."""
+    """Tag connections with the pool name unless the DSN, the kwargs or PGAPPNAME name the application.
+
+    No startup ``options``: PgBouncer and other proxies refuse the parameter
+    (``_set_check_interval`` sets the check interval once connected).
+    """
     kwargs = dict(kwargs)
-    kwargs.setdefault("application_name", f"sharedpool/{config.name}")
-    if config.check_interval is not None:
-        option = f"-c client_connection_check_interval={int(config.check_interval * 1000)}"
-        kwargs["options"] = f"{kwargs['options']} {option}" if kwargs.get("options") else option
+    if "application_name" not in kwargs:
+        kwargs.setdefault("fallback_application_name", f"sharedpool/{config.name}")
     return kwargs
+
+
+def _set_check_interval(conn: Any, config: PoolConfig) -> None:
+    """Let the server drop the backends of dead workers quickly (CHECK_INTERVAL, PostgreSQL >= 14).
+
+    Runs right after connect, before the connection is counted as opened; a
+    connection that cannot take the setting is closed and the error raised.
+    """
+    if config.check_interval is None or conn.info.server_version < 140000:
+        return
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT set_config('client_connection_check_interval', %s, false)",
+                (f"{int(config.check_interval * 1000)}ms",),
+            )
+        if not conn.autocommit:
+            conn.commit()
+    except BaseException:
+        conn.close()
+        raise
 
 
 def _backend_is_local(conn: Any, backend_pid: int) -> bool:

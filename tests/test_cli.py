@@ -35,7 +35,7 @@ def test_status_json_fields(unique_name):
             assert out.returncode == 0, out.stderr
             status = json.loads(out.stdout)
             assert set(status) == {"name", "budget", "free", "held", "waiting", "epoch", "coordinator", "counters",
-                                   "mean_wait_ms", "rates", "workers"}
+                                   "mean_wait_ms", "rates", "workers", "idle", "in_use", "processes", "waiting_local", "maxwait_s"}
             assert (status["name"], status["budget"], status["free"], status["held"], status["waiting"]) == (unique_name, 3, 1, 2, 0)
             assert status["coordinator"]["pid"] == coord.pid and status["coordinator"]["alive"]
             assert 0 <= status["coordinator"]["heartbeat_age_s"] < 2

@@ -5,6 +5,7 @@ No server needed: a DatabaseWrapper is built, never connected.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -38,18 +39,33 @@ def wrapper(alias="default", **entry):
 def test_valid_settings_and_defaults():
     db = wrapper(POOL_SIZE=6, POOL_OPTIONS={"TIMEOUT": 2, "MAX_PER_PROCESS": 3, "PRE_PING": None})
     config = db.pool_config
-    assert (config.name, config.pool_size, config.timeout, config.max_per_process, config.pre_ping) == (
-        "default", 6, 2.0, 3, None)
-    # NAME defaults to the alias and travels with copies of the settings (nodb, copy()).
-    assert db.settings_dict["POOL_OPTIONS"]["NAME"] == "default"
+    assert (config.pool_size, config.timeout, config.max_per_process, config.pre_ping) == (6, 2.0, 3, None)
+    assert re.fullmatch(r"default-[0-9a-f]{8}", config.name)
+    # NAME travels with copies of the settings (nodb, copy()).
+    assert db.settings_dict["POOL_OPTIONS"]["NAME"] == config.name
     nodb = DatabaseWrapper({**db.settings_dict, "NAME": None}, alias="__no_db__")
-    assert nodb.pool_config.name == "default"
+    assert nodb.pool_config.name == config.name
     assert db.copy().pool_config == config
 
 
 def test_explicit_name_and_no_pool_options():
-    assert wrapper("replica", POOL_SIZE=2).pool_config.name == "replica"
+    assert wrapper("replica", POOL_SIZE=2).pool_config.name.startswith("replica-")
     assert wrapper(POOL_SIZE=2, POOL_OPTIONS={"NAME": "web"}).pool_config.name == "web"
+
+
+@pytest.mark.parametrize("key", ["HOST", "PORT", "NAME", "USER"])
+def test_default_name_follows_the_database_target(key):
+    """Two sites on one host, both with the alias 'default', never share a budget by accident."""
+    target = {"HOST": "db1", "PORT": "5432", "NAME": "shop", "USER": "shop"}
+    name = wrapper(POOL_SIZE=2, **target).pool_config.name
+    assert wrapper(POOL_SIZE=2, **target).pool_config.name == name
+    assert wrapper(POOL_SIZE=2, **{**target, key: "other"}).pool_config.name != name
+
+
+def test_default_name_reads_libpq_environment_for_empty_fields(monkeypatch):
+    first = wrapper(POOL_SIZE=2, HOST="").pool_config.name
+    monkeypatch.setenv("PGHOST", "elsewhere.example")
+    assert wrapper(POOL_SIZE=2, HOST="").pool_config.name != first
 
 
 def test_unknown_key_in_pool_options():
@@ -70,13 +86,67 @@ def test_pool_setting_at_top_level():
 
 
 def test_pool_size_inside_pool_options():
-    with pytest.raises(ImproperlyConfigured, match="POOL_SIZE goes at the top level"):
-        wrapper(POOL_OPTIONS={"POOL_SIZE": 2})
+    """django-db-connection-pool's habit: POOL_SIZE in POOL_OPTIONS works as at the top level."""
+    assert wrapper(POOL_OPTIONS={"POOL_SIZE": 2}).pool_config.pool_size == 2
+    assert wrapper(POOL_SIZE=2, POOL_OPTIONS={"POOL_SIZE": 2}).pool_config.pool_size == 2
+    with pytest.raises(ImproperlyConfigured, match=r"DATABASES\['default'\]: POOL_SIZE 2 at the top level disagrees "
+                       r"with POOL_SIZE 3 in POOL_OPTIONS"):
+        wrapper(POOL_SIZE=2, POOL_OPTIONS={"POOL_SIZE": 3})
 
 
 def test_missing_pool_size():
-    with pytest.raises(ImproperlyConfigured, match="POOL_SIZE is required"):
+    with pytest.raises(ImproperlyConfigured, match=r"POOL_SIZE is required: .* set DATABASES\['default'\]\['POOL_SIZE'\] "
+                       r"\(or POOL_OPTIONS\['POOL_SIZE'\], or SHAREDPOOL_POOL_SIZE\)"):
         wrapper(POOL_OPTIONS={"TIMEOUT": 1})
+
+
+def test_django_db_connection_pool_entry_works_as_copied(caplog):
+    """POOL_OPTIONS as django-db-connection-pool documents them: MAX_OVERFLOW is ignored, said once."""
+    entry = dict(POOL_OPTIONS={"POOL_SIZE": 10, "MAX_OVERFLOW": 10, "RECYCLE": 24 * 60 * 60, "PRE_PING": True})
+    with caplog.at_level("WARNING", logger="sharedpool"):
+        config = wrapper("djdbpool", **entry).pool_config
+        wrapper("djdbpool", **entry)
+    assert (config.pool_size, config.recycle, config.pre_ping) == (10, 86400.0, 0.0)
+    warnings = [r.getMessage() for r in caplog.records if "MAX_OVERFLOW" in r.getMessage()]
+    assert warnings == ["sharedpool: DATABASES['djdbpool']['POOL_OPTIONS']['MAX_OVERFLOW'] is ignored: POOL_SIZE is the "
+                        "budget of all worker processes on this host together, with no overflow above it "
+                        "(django-db-connection-pool's POOL_SIZE and MAX_OVERFLOW are per process)"]
+    assert wrapper(POOL_SIZE=2, POOL_OPTIONS={"PRE_PING": False}).pool_config.pre_ping is None
+
+
+@pytest.mark.parametrize(("max_age", "recycle"), [(0, 3600.0), (None, 3600.0), (300, 300.0), (7200, 3600.0)])
+def test_conn_max_age_bounds_a_pooled_connections_age(max_age, recycle):
+    assert wrapper(POOL_SIZE=2, CONN_MAX_AGE=max_age).pool_config.recycle == recycle
+    assert wrapper(POOL_SIZE=2, CONN_MAX_AGE=max_age, POOL_OPTIONS={"RECYCLE": None}).pool_config.recycle == (
+        max_age or None)
+
+
+def test_guide_entry_with_only_the_engine_changed():
+    """CONN_MAX_AGE: 300, POOL_SIZE: 20, ATOMIC_REQUESTS: True, as the popular guides write it."""
+    config = wrapper(CONN_MAX_AGE=300, POOL_SIZE=20, ATOMIC_REQUESTS=True).pool_config
+    assert (config.pool_size, config.recycle) == (20, 300.0)
+
+
+def test_pool_size_mismatch_names_both_entries_and_the_variable(monkeypatch):
+    entries = {
+        "default": harness.settings_entry(ENGINE="sharedpool.integrations.django", NAME="db", POOL_SIZE=8,
+                                          POOL_OPTIONS={"NAME": "web"}),
+        "replica": harness.settings_entry(ENGINE="sharedpool.integrations.django", NAME="db2",
+                                          POOL_OPTIONS={"NAME": "web", "POOL_SIZE": 4}),
+    }
+    harness.use_databases(**entries)
+    try:
+        with pytest.raises(ImproperlyConfigured) as err:
+            DatabaseWrapper(entries["replica"], "replica")
+        assert str(err.value) == (
+            "pool 'web' is used by DATABASES['replica'] with POOL_SIZE 4 (from DATABASES['replica']['POOL_OPTIONS']"
+            "['POOL_SIZE']) and by DATABASES['default'] with POOL_SIZE 8 (from DATABASES['default']['POOL_SIZE']); "
+            "one pool has one budget: make them equal, or give each entry its own POOL_OPTIONS['NAME']"
+        )
+        monkeypatch.setenv("SHAREDPOOL_POOL_SIZE", "6")  # the variable wins for both: they agree
+        assert DatabaseWrapper(entries["replica"], "replica").pool_config.pool_size == 6
+    finally:
+        harness.use_databases()
 
 
 @pytest.mark.parametrize(
@@ -102,8 +172,13 @@ def test_pool_options_not_a_dict():
 
 
 def test_alias_that_is_not_a_pool_name():
-    with pytest.raises(ImproperlyConfigured, match="defaults to the alias"):
-        wrapper("my.replica", POOL_SIZE=2)
+    assert re.fullmatch(r"my_replica-[0-9a-f]{8}", wrapper("my.replica", POOL_SIZE=2).pool_config.name)
+    assert re.fullmatch(r"x{31}-[0-9a-f]{8}", wrapper("x" * 60, POOL_SIZE=2).pool_config.name)
+
+
+def test_pool_name_starting_with_a_dash_is_refused():
+    with pytest.raises(ImproperlyConfigured, match="NAME must not start with '-'"):
+        wrapper(POOL_SIZE=2, POOL_OPTIONS={"NAME": "-web"})
 
 
 def test_env_overrides_win(monkeypatch):

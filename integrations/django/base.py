@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-import time
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -211,7 +210,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self.health_check_done = True
 
     def close_if_unusable_or_obsolete(self) -> None:
-        # Django's logic, except that a connection failing is_usable() is discarded.
+        # Django's logic, except that a connection failing is_usable() is discarded and
+        # that every request boundary gives the connection back to the shared pool,
+        # whatever CONN_MAX_AGE says: a worker keeping one between requests would starve
+        # the others once workers outnumber the budget. CONN_MAX_AGE bounds the pooled
+        # connection's age instead (RECYCLE, config.py).
         if self.connection is None:
             return
         self.health_check_done = False
@@ -226,8 +229,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                 self._discard_on_close = True
                 self.close()
                 return
-        if self.close_at is not None and time.monotonic() >= self.close_at:
-            self.close()
+        self.close()
 
     # -- connect and close ----------------------------------------------------------
 
