@@ -15,6 +15,7 @@ from sharedpool.config import SETTINGS, PoolConfig, integer, seconds
 from sharedpool.errors import SharedPoolError
 from sharedpool.ledger import DEFAULT_SLOTS, Ledger, unlink
 
+from . import unit
 from .daemon import Coordinator, Options
 from .status import format_table, snapshot_dict
 
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup = sub.add_parser("cleanup", help="remove a pool's shared memory and semaphore")
     cleanup.add_argument("--name", type=_pool_name, required=True, help="pool name")
     cleanup.add_argument("--force", action="store_true", help="remove even if live workers are registered")
+    unit.register(sub)
     return parser
 
 
@@ -211,4 +213,5 @@ COMMANDS = {
     "reload": cmd_reload,
     "cleanup": cmd_cleanup,
     "metrics": cmd_metrics,
+    "systemd-unit": unit.cmd_systemd_unit,
 }
