@@ -13,7 +13,9 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Callable
 from importlib import resources
+from typing import Any
 
 from sharedpool.config import SETTINGS
 from sharedpool.errors import ConfigError
@@ -33,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="print a systemd unit that runs this installation's coordinator for one pool",
         description="Print sharedpool-coordinator@NAME.service for this installation: ExecStart is the "
         "sharedpool command next to this Python (a virtualenv works), and ProtectHome=/PrivateTmp= are "
-        "relaxed only when the installation lives under /home, /root or /tmp. Save it as "
+        "relaxed only when the installation lives under /home, /root, /run/user, /tmp or /var/tmp. Save it as "
         "/etc/systemd/system/sharedpool-coordinator@NAME.service. /etc/sharedpool/NAME.env, when present, "
         "still overrides the budget (SHAREDPOOL_POOL_SIZE) for `systemctl reload`.",
     )
@@ -112,10 +114,10 @@ def _under(paths: list[str], trees: tuple[str, ...]) -> str | None:
     return None
 
 
-def _checked(key: str, option: str):
+def _checked(key: str, option: str) -> Callable[[str], Any]:
     convert = SETTINGS[key][0]
 
-    def parse(value: str):
+    def parse(value: str) -> Any:
         try:
             return convert(option, value)
         except ConfigError as exc:
@@ -124,7 +126,7 @@ def _checked(key: str, option: str):
     return parse
 
 
-def _account(option: str):
+def _account(option: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         if not _ACCOUNT.match(value):
             raise argparse.ArgumentTypeError(f"{option} must be a user or group name or a numeric id, got {value!r}")

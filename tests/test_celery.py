@@ -103,12 +103,16 @@ class Worker:
         self.log.close()
 
 
-def holders(name: str) -> list[dict]:
+def snapshot_of(name: str) -> dict:
     ledger = Ledger.attach(name)
     try:
-        return [w for w in snapshot_dict(ledger.snapshot())["workers"] if w["alive"] and w["in_use"]]
+        return snapshot_dict(ledger.snapshot())
     finally:
         ledger.close()
+
+
+def holders(name: str) -> list[dict]:
+    return [w for w in snapshot_of(name)["workers"] if w["alive"] and w["in_use"]]
 
 
 def test_prefork_worker_cap_kill_and_clean_exit(broker, dsn, unique_name, tmp_path, record_property):
@@ -116,7 +120,8 @@ def test_prefork_worker_cap_kill_and_clean_exit(broker, dsn, unique_name, tmp_pa
     worker = Worker(broker, dsn, unique_name, budget, concurrency=6, tmp_path=tmp_path)
     try:
         worker.hold(0).get(timeout=60)  # the worker is up, and its coordinator (started in worker_init)
-        assert Ledger.exists(unique_name), worker.output()
+        coordinator = snapshot_of(unique_name)["coordinator"]["pid"]
+        assert coordinator, worker.output()
 
         with PeakSampler(dsn, unique_name) as sampler:
             results = [worker.hold(0.1) for _ in range(40)]
@@ -148,6 +153,7 @@ def test_prefork_worker_cap_kill_and_clean_exit(broker, dsn, unique_name, tmp_pa
         worker.close()
     # no leftovers: children, coordinator, ledger, semaphore and backends all gone
     assert all(process_gone(pid) for pid in seen)
+    assert wait_until(lambda: process_gone(coordinator), 15.0), worker.output()
     assert wait_until(lambda: not Ledger.exists(unique_name), 15.0), worker.output()
     assert backends(dsn, unique_name) == 0
     record_property("server_peak", peak)

@@ -15,7 +15,7 @@ import pytest
 sqlalchemy = pytest.importorskip("sqlalchemy")
 from sqlalchemy import create_engine, event, text  # noqa: E402
 
-from sharedpool.errors import ConfigError  # noqa: E402
+from sharedpool.errors import ConfigError, PoolTimeout  # noqa: E402
 from sharedpool.integrations.sqlalchemy import SharedPool  # noqa: E402
 from sharedpool.pool import close_all  # noqa: E402
 from tests.helpers_procs import (  # noqa: E402
@@ -282,3 +282,22 @@ def test_settings_errors_are_clear(pg, unique_name):
         create_engine(sa_url(pg), poolclass=SharedPool, sharedpool={"NAME": unique_name, "POOL_SIZ": 2})
     with pytest.raises(ConfigError, match="POOL_SIZE is required"):
         create_engine(sa_url(pg), poolclass=SharedPool)
+
+
+def test_timeout_names_the_budget_and_leaks_nothing(pg, dsn, unique_name):
+    with coordinator(unique_name, 1):
+        engine = create_engine(sa_url(pg), poolclass=SharedPool,
+                               sharedpool={"NAME": unique_name, "POOL_SIZE": 1, "AUTOSTART": False, "TIMEOUT": 0.2})
+        try:
+            with engine.connect() as held:
+                backend_pid(held)
+                with pytest.raises(sqlalchemy.exc.OperationalError) as caught:
+                    engine.connect()
+                assert isinstance(caught.value.orig, PoolTimeout)
+                assert f"pool {unique_name!r}" in str(caught.value) and "after 0.2 s" in str(caught.value)
+            with engine.connect() as conn:
+                backend_pid(conn)
+        finally:
+            engine.dispose()
+            close_all(unique_name)
+        assert sem_free(unique_name) == 1 and backends(dsn, unique_name) == 0
