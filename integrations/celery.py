@@ -104,6 +104,8 @@ class _Wiring:
         pool = getattr(getattr(getattr(sender, "controller", None), "pool", None), "_pool", None)
         if pool is None or not hasattr(pool, "_join_exited_workers"):
             return  # not a prefork pool: no children
+        # billiard has no public hook for this; should its reaper change, only the instant
+        # notice is lost: the coordinator still sees the death through its pidfd watch
         names = [config.name for config in self.pools()]
         join_exited_workers = pool._join_exited_workers
 

@@ -155,8 +155,9 @@ class SharedPool(Pool):
             if not _connecting.applied:
                 conn.close()
                 raise ConfigError(
-                    f"pool {self._config.name!r}: SharedPool opens connections through create_engine's URL "
-                    "and connect_args; a custom creator= would open them without sharedpool's server options"
+                    f"pool {self._config.name!r}: SharedPool opens connections from create_engine's URL and "
+                    "connect_args; a custom creator= (or a do_connect handler returning its own connection) "
+                    "would open them without sharedpool's application_name and client_connection_check_interval"
                 )
             return conn
         finally:

@@ -14,8 +14,7 @@ from sharedpool import LocalPool, PoolConfig
 from sharedpool.integrations.celery import setup
 
 app = Celery("celery_app", broker=os.environ["CELERY_BROKER_URL"], backend=os.environ["CELERY_BROKER_URL"])
-app.conf.worker_prefetch_multiplier = 1
-app.conf.task_acks_late = False
+app.conf.worker_prefetch_multiplier = 1  # tasks spread over the children as they free up
 config = PoolConfig.from_mapping({"TIMEOUT": 60}, source="celery_app")
 pool = LocalPool(config, os.environ["TEST_DSN"])
 setup(app, config)
