@@ -25,10 +25,10 @@ worker_process_init      each child, after fork: make sure it forgot the
 worker_process_shutdown  each child, on its way out: close its connections and
                          return its permits (billiard ends children with
                          os._exit, so atexit never runs).
-child exit               main process, when billiard reaps a child (its
-                         sentinel wakes the event loop, also after SIGKILL, an
-                         OOM kill or --time-limit): tell the coordinators at
-                         once, as gunicorn's child_exit does.
+child exit               main process, when a child's sentinel wakes the event
+                         loop (its exit, also by SIGKILL, an OOM kill or
+                         --time-limit): tell the coordinators at once, as
+                         gunicorn's child_exit does.
 worker_shutdown          main process, last: close its own pools and stop the
                          coordinators it started.
 
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from celery import Celery, signals
@@ -52,6 +53,8 @@ __all__ = ["setup"]
 
 log = logging.getLogger("sharedpool.integrations.celery")
 
+EXIT_WAIT = 0.1  # seconds the main process waits for a child whose sentinel closed to be dead
+
 
 def setup(app: Celery, *configs: PoolConfig) -> None:
     """Connect sharedpool to ``app``'s worker signals. Call once, where the app is defined (any process)."""
@@ -62,6 +65,19 @@ def setup(app: Celery, *configs: PoolConfig) -> None:
     signals.worker_process_init.connect(wiring.process_init, weak=False, dispatch_uid=uid)
     signals.worker_process_shutdown.connect(wiring.process_shutdown, weak=False, dispatch_uid=uid)
     signals.worker_shutdown.connect(wiring.worker_shutdown, weak=False, dispatch_uid=uid)
+
+
+def _report_exit(names: list[str], pid: int) -> None:
+    """Tell the coordinators that child ``pid`` is gone, once it is (its sentinel closes a moment before)."""
+    deadline = time.monotonic() + EXIT_WAIT
+    while time.monotonic() < deadline:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                break  # a zombie: dead, not yet reaped (WNOWAIT leaves that to billiard)
+        except ChildProcessError:
+            break  # reaped already
+        time.sleep(0.001)
+    servers.notify_exit(names, pid)
 
 
 class _Wiring:
@@ -98,27 +114,38 @@ class _Wiring:
                          config.name, self.started[config.name], config.pool_size)
 
     def worker_ready(self, sender: Any = None, **_: Any) -> None:
-        """Main process, event loop running: report each child the pool reaps to the coordinators."""
+        """Main process, event loop running: report each child that dies to the coordinators at once."""
         if getattr(sender, "app", self.app) is not self.app:
             return
         pool = getattr(getattr(getattr(sender, "controller", None), "pool", None), "_pool", None)
-        if pool is None or not hasattr(pool, "_join_exited_workers"):
-            return  # not a prefork pool: no children
-        # billiard has no public hook for this; should its reaper change, only the instant
-        # notice is lost: the coordinator still sees the death through its pidfd watch
         names = [config.name for config in self.pools()]
-        join_exited_workers = pool._join_exited_workers
+        # billiard has no public hook for this; should it change, only the instant notice
+        # is lost: the coordinator still sees the death through its pidfd watch
+        if hasattr(pool, "_untrack_child_process"):
+            # Celery's AsynPool: called as soon as a child's sentinel wakes the event loop,
+            # before the child is reaped (which may wait for the 5 s maintenance timer)
+            untrack = pool._untrack_child_process
 
-        def join_and_report(*args: Any, **kwargs: Any) -> Any:
-            """billiard's reaper, then an exit notice for every child it removed."""
-            before = {worker.pid for worker in pool._pool}
-            try:
-                return join_exited_workers(*args, **kwargs)
-            finally:
-                for pid in before - {worker.pid for worker in pool._pool}:
-                    servers.notify_exit(names, pid)
+            def untrack_and_report(proc: Any, hub: Any) -> Any:
+                try:
+                    return untrack(proc, hub)
+                finally:
+                    _report_exit(names, proc.pid)
 
-        pool._join_exited_workers = join_and_report
+            pool._untrack_child_process = untrack_and_report
+        elif hasattr(pool, "_join_exited_workers"):
+            # billiard's own pool, reaped by its supervisor thread
+            join_exited_workers = pool._join_exited_workers
+
+            def join_and_report(*args: Any, **kwargs: Any) -> Any:
+                before = {worker.pid for worker in pool._pool}
+                try:
+                    return join_exited_workers(*args, **kwargs)
+                finally:
+                    for pid in before - {worker.pid for worker in pool._pool}:
+                        _report_exit(names, pid)
+
+            pool._join_exited_workers = join_and_report
 
     def process_init(self, **_: Any) -> None:
         """Each child, right after fork."""
