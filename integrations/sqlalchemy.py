@@ -23,6 +23,10 @@ is the thin SQLAlchemy face over it. SQLAlchemy's own sizing arguments
 ``create_engine`` rejects them, and ``MAX_PER_PROCESS`` and ``TIMEOUT`` say it
 instead. Each DBAPI connection keeps one ``ConnectionPoolEntry`` while it
 lives, so ``connect`` events run once per connection and ``.info`` persists.
+Connections are opened from the URL and ``connect_args`` (``do_connect``
+events run as usual), with sharedpool's ``application_name`` and
+``client_connection_check_interval`` added; a custom ``creator=`` cannot
+carry them, so the first connection it opens is closed with a ConfigError.
 
 Every path gives its permit back: a returned connection goes back to the
 ``LocalPool`` (or is closed there under pressure); an invalidated one, a
