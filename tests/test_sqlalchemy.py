@@ -301,3 +301,16 @@ def test_timeout_names_the_budget_and_leaks_nothing(pg, dsn, unique_name):
             engine.dispose()
             close_all(unique_name)
         assert sem_free(unique_name) == 1 and backends(dsn, unique_name) == 0
+
+
+def test_custom_creator_is_refused_without_leaking(pg, dsn, unique_name):
+    with coordinator(unique_name, 1):
+        engine = create_engine("postgresql+psycopg2://", creator=lambda: psycopg2.connect(dsn), poolclass=SharedPool,
+                               sharedpool={"NAME": unique_name, "POOL_SIZE": 1, "AUTOSTART": False})
+        try:
+            with pytest.raises(ConfigError, match="creator="):
+                engine.connect()
+        finally:
+            engine.dispose()
+            close_all(unique_name)
+        assert sem_free(unique_name) == 1
