@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import psycopg2
@@ -15,11 +17,14 @@ import pytest
 sqlalchemy = pytest.importorskip("sqlalchemy")
 from sqlalchemy import create_engine, event, text  # noqa: E402
 
+from apps.loadtools import Load, stop_server, wait_http  # noqa: E402
+from devtools.pgcluster import free_port  # noqa: E402
 from sharedpool.errors import ConfigError, PoolTimeout  # noqa: E402
 from sharedpool.integrations.sqlalchemy import SharedPool  # noqa: E402
+from sharedpool.ledger import Ledger  # noqa: E402
 from sharedpool.pool import close_all  # noqa: E402
 from tests.helpers_procs import (  # noqa: E402
-    PeakSampler, backends, coordinator, finish, kill_all, read_line, sem_free, start_worker, wait_until)
+    ROOT, PeakSampler, backends, coordinator, finish, kill_all, read_line, sem_free, start_worker, wait_until)
 
 ENGINE_SETUP = """
 import os, sys
@@ -314,3 +319,32 @@ def test_custom_creator_is_refused_without_leaking(pg, dsn, unique_name):
             engine.dispose()
             close_all(unique_name)
         assert sem_free(unique_name) == 1
+
+
+@pytest.mark.slow
+def test_gunicorn_preload_app_on_an_engine(pg, dsn, unique_name, tmp_path, record_property):
+    """gunicorn with sharedpool's hooks, --preload, 6 sync workers on a budget of 2, an Engine per process."""
+    budget, port = 2, free_port()
+    apps = os.path.join(ROOT, "tests", "apps")
+    env = {**os.environ, "TEST_URL": sa_url(pg), "SHAREDPOOL_NAME": unique_name, "SHAREDPOOL_POOL_SIZE": str(budget),
+           "SHAREDPOOL_TIMEOUT": "30", "PYTHONPATH": os.pathsep.join([apps, ROOT])}
+    log_path = tmp_path / "gunicorn.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "python:sharedpool.integrations.gunicorn", "--preload",
+             "--workers", "6", "--bind", f"127.0.0.1:{port}", "--max-requests", "40", "sqlalchemy_app:application"],
+            cwd=apps, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        wait_http(port, "/sleep?ms=0", process=process)
+        with PeakSampler(dsn, unique_name) as sampler:
+            load = Load(port, "/sleep?ms=20", clients=12, total=300).start()
+            load.join()
+            peak = sampler.stop()
+        assert load.statuses == {200: 300}, load.summary() + log_path.read_text()[-3000:]
+        assert 1 <= peak <= budget, f"server peak {peak} over budget {budget}"
+    finally:
+        stop_server(process)
+    assert wait_until(lambda: not Ledger.exists(unique_name), 15.0), log_path.read_text()[-3000:]
+    assert backends(dsn, unique_name) == 0
+    record_property("gunicorn_server_peak", peak)
