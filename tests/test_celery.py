@@ -23,7 +23,7 @@ from devtools.pgcluster import free_port  # noqa: E402
 from sharedpool import channel  # noqa: E402
 from sharedpool.coordinator.status import snapshot_dict  # noqa: E402
 from sharedpool.ledger import Ledger  # noqa: E402
-from tests.helpers_procs import PeakSampler, backends, process_gone, sem_free, wait_until  # noqa: E402
+from helpers_procs import PeakSampler, backends, process_gone, sem_free, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,7 @@ from sharedpool.errors import ConfigError, PoolTimeout  # noqa: E402
 from sharedpool.integrations.sqlalchemy import SharedPool  # noqa: E402
 from sharedpool.ledger import Ledger  # noqa: E402
 from sharedpool.pool import close_all  # noqa: E402
-from tests.helpers_procs import (  # noqa: E402
+from helpers_procs import (  # noqa: E402
     ROOT, PeakSampler, backends, coordinator, finish, kill_all, read_line, sem_free, start_worker, wait_until)
 
 ENGINE_SETUP = """
