@@ -28,7 +28,9 @@ worker_process_shutdown  each child, on its way out: close its connections and
 child exit               main process, when a child's sentinel wakes the event
                          loop (its exit, also by SIGKILL, an OOM kill or
                          --time-limit): tell the coordinators at once, as
-                         gunicorn's child_exit does.
+                         gunicorn's child_exit does. With a broker that has no
+                         event loop (SQS, filesystem), when billiard's
+                         supervisor thread reaps it (within 0.8 s).
 worker_shutdown          main process, last: close its own pools and stop the
                          coordinators it started.
 

@@ -66,7 +66,8 @@ def broker(tmp_path):
 class Worker:
     """``celery -A celery_app worker --pool prefork`` in its own session, logging to a file."""
 
-    def __init__(self, broker: str, dsn: str, name: str, budget: int, concurrency: int, tmp_path, **env: str) -> None:
+    def __init__(self, broker: str, dsn: str, name: str, budget: int, concurrency: int, tmp_path,
+                 backend: str | None = None, **env: str) -> None:
         self.log_path = tmp_path / "celery.log"
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
@@ -75,9 +76,13 @@ class Worker:
              "--without-heartbeat", "--without-mingle", "--without-gossip"],
             cwd=APPS, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join([APPS, ROOT]), "CELERY_BROKER_URL": broker,
-                 "TEST_DSN": dsn, "SHAREDPOOL_NAME": name, "SHAREDPOOL_POOL_SIZE": str(budget), **env},
+                 "CELERY_RESULT_BACKEND": backend or broker, "TEST_DSN": dsn, "SHAREDPOOL_NAME": name,
+                 "SHAREDPOOL_POOL_SIZE": str(budget), **env},
         )
-        self.client = celery.Celery("celery_app", broker=broker, backend=broker)
+        self.client = celery.Celery("celery_app", broker=broker, backend=backend or broker)
+        if env.get("CELERY_FS_DIR"):
+            folder = env["CELERY_FS_DIR"]
+            self.client.conf.broker_transport_options = {"data_folder_in": folder, "data_folder_out": folder}
 
     def hold(self, seconds: float) -> "celery.result.AsyncResult":
         return self.client.send_task("celery_app.hold", args=[seconds])
@@ -162,12 +167,23 @@ def test_prefork_worker_cap_kill_and_clean_exit(broker, dsn, unique_name, tmp_pa
     assert back_in < 1.0, f"permit back after {back_in:.3f} s"
 
 
-def test_main_process_reports_a_killed_child_at_once(broker, dsn, unique_name, make_ledger, tmp_path, record_property):
-    """No coordinator: the test listens on its address and receives the main process's exit notice."""
+@pytest.mark.parametrize("transport", ["redis", "filesystem"])
+def test_main_process_reports_a_killed_child_at_once(transport, broker, dsn, unique_name, make_ledger, tmp_path,
+                                                     record_property):
+    """No coordinator: the test listens on its address and receives the main process's exit notice.
+
+    With Redis the worker runs Celery's event loop (AsynPool); the filesystem
+    broker has none, so billiard's own pool and supervisor thread reap the child.
+    """
     make_ledger(2)
     listener = channel.bind(channel.coordinator_address(unique_name))
     listener.settimeout(10.0)
-    worker = Worker(broker, dsn, unique_name, 2, concurrency=2, tmp_path=tmp_path, SHAREDPOOL_AUTOSTART="0")
+    env = {"SHAREDPOOL_AUTOSTART": "0"}
+    if transport == "filesystem":
+        (tmp_path / "queue").mkdir()
+        env["CELERY_FS_DIR"] = str(tmp_path / "queue")
+    worker = Worker("filesystem://" if transport == "filesystem" else broker, dsn, unique_name, 2, concurrency=2,
+                    tmp_path=tmp_path, backend=broker, **env)
     try:
         child, _ = worker.hold(0).get(timeout=60)
         os.kill(child, signal.SIGKILL)

@@ -1,8 +1,9 @@
 """A Celery app whose tasks use a ``LocalPool``, wired with ``sharedpool.integrations.celery.setup``.
 
 Runs in a real prefork worker started by tests/test_celery.py. Settings come
-from the environment: CELERY_BROKER_URL (a Redis the test started), TEST_DSN,
-and SHAREDPOOL_NAME / SHAREDPOOL_POOL_SIZE / SHAREDPOOL_AUTOSTART ...
+from the environment: CELERY_BROKER_URL (a Redis the test started, or
+``filesystem://`` with CELERY_FS_DIR), CELERY_RESULT_BACKEND (default: the
+broker), TEST_DSN, and SHAREDPOOL_NAME / SHAREDPOOL_POOL_SIZE / SHAREDPOOL_AUTOSTART ...
 """
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ from celery import Celery
 from sharedpool import LocalPool, PoolConfig
 from sharedpool.integrations.celery import setup
 
-app = Celery("celery_app", broker=os.environ["CELERY_BROKER_URL"], backend=os.environ["CELERY_BROKER_URL"])
+app = Celery("celery_app", broker=os.environ["CELERY_BROKER_URL"],
+             backend=os.environ.get("CELERY_RESULT_BACKEND", os.environ["CELERY_BROKER_URL"]))
 app.conf.worker_prefetch_multiplier = 1  # tasks spread over the children as they free up
+if os.environ.get("CELERY_FS_DIR"):  # the filesystem broker: no event loop, so billiard's own pool
+    app.conf.broker_transport_options = {"data_folder_in": os.environ["CELERY_FS_DIR"],
+                                         "data_folder_out": os.environ["CELERY_FS_DIR"], "polling_interval": 0.05}
 config = PoolConfig.from_mapping({"TIMEOUT": 60}, source="celery_app")
 pool = LocalPool(config, os.environ["TEST_DSN"])
 setup(app, config)
