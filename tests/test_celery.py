@@ -82,7 +82,8 @@ class Worker:
         self.client = celery.Celery("celery_app", broker=broker, backend=backend or broker)
         if env.get("CELERY_FS_DIR"):
             folder = env["CELERY_FS_DIR"]
-            self.client.conf.broker_transport_options = {"data_folder_in": folder, "data_folder_out": folder}
+            self.client.conf.broker_transport_options = {"data_folder_in": folder, "data_folder_out": folder,
+                                                         "control_folder": folder}
 
     def hold(self, seconds: float) -> "celery.result.AsyncResult":
         return self.client.send_task("celery_app.hold", args=[seconds])

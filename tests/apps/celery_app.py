@@ -18,8 +18,9 @@ app = Celery("celery_app", broker=os.environ["CELERY_BROKER_URL"],
              backend=os.environ.get("CELERY_RESULT_BACKEND", os.environ["CELERY_BROKER_URL"]))
 app.conf.worker_prefetch_multiplier = 1  # tasks spread over the children as they free up
 if os.environ.get("CELERY_FS_DIR"):  # the filesystem broker: no event loop, so billiard's own pool
-    app.conf.broker_transport_options = {"data_folder_in": os.environ["CELERY_FS_DIR"],
-                                         "data_folder_out": os.environ["CELERY_FS_DIR"], "polling_interval": 0.05}
+    folder = os.environ["CELERY_FS_DIR"]
+    app.conf.broker_transport_options = {"data_folder_in": folder, "data_folder_out": folder,
+                                         "control_folder": folder, "polling_interval": 0.05}
 config = PoolConfig.from_mapping({"TIMEOUT": 60}, source="celery_app")
 pool = LocalPool(config, os.environ["TEST_DSN"])
 setup(app, config)
