@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: help venv test test-fast demo bench bench-quick bench-micro django-suite django-suite-stock clean
+.PHONY: help venv test test-fast test-pyuwsgi demo bench bench-quick bench-micro django-suite django-suite-stock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -20,6 +20,11 @@ venv: $(STAMP)  ## create .venv with the package and its test extras
 
 test: $(STAMP)  ## run the whole test suite against a throwaway PostgreSQL (or DATABASE_URL)
 	$(PY) -m pytest -q
+
+test-pyuwsgi: $(STAMP)  ## tests/test_pyuwsgi.py with uWSGI from a wheel (pyuwsgi, no compiler), in a venv of its own
+	test -x .cache/venv-pyuwsgi/bin/python || $(PYTHON) -m venv .cache/venv-pyuwsgi
+	.cache/venv-pyuwsgi/bin/python -m pip install -q -e '.[pyuwsgi]' pytest
+	.cache/venv-pyuwsgi/bin/python -m pytest -q tests/test_pyuwsgi.py
 
 demo: $(STAMP)  ## the demo: gunicorn workers > budget under load, sharedpool vs the stock backend (about 2 min)
 	$(PY) examples/demo/run_demo.py

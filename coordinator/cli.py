@@ -18,6 +18,7 @@ from sharedpool.errors import SharedPoolError
 from sharedpool.ledger import DEFAULT_SLOTS, Ledger, Snapshot
 from sharedpool.names import CONTROL_SOCKET, PoolNames
 
+from . import unit
 from .daemon import Coordinator, Options
 from .lifecycle import remove_pool
 from .status import (
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="remove even while live workers are registered: they keep their connections "
                          "outside any budget until they exit (never while a coordinator runs)")
     _group_option(cleanup)
+    unit.register(sub)
     return parser
 
 
@@ -321,4 +323,5 @@ COMMANDS = {
     "reload": cmd_reload,
     "cleanup": cmd_cleanup,
     "metrics": cmd_metrics,
+    "systemd-unit": unit.cmd_systemd_unit,
 }

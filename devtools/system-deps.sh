@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Install what pip cannot: the PostgreSQL server binaries (the tests and the
 # demo start their own throwaway cluster with them), a `postgres` OS user
-# (initdb refuses root), and a C compiler with Python headers (uwsgi builds
-# from source). Does nothing when everything is already there. Needs root
-# (apt-get) only when something is missing. PgBouncer: tests/test_proxy.py
-# runs the pool behind one it starts (as user postgres, its own config).
+# (initdb refuses root), a C compiler with Python headers (uwsgi builds
+# from source), redis-server (the Celery tests start their own broker) and
+# PgBouncer (tests/test_proxy.py runs the pool behind one it starts, as user
+# postgres, its own config). Does nothing when everything is already there.
+# Needs root (apt-get) only when something is missing.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3.11}
@@ -45,6 +46,7 @@ command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v pgrep >/dev/null 2>&1 || need+=(procps)  # the server tests list a master's children
 command -v pgbouncer >/dev/null 2>&1 || [[ -x /usr/sbin/pgbouncer ]] || need+=(pgbouncer)  # tests/test_proxy.py starts its own
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)  # the Celery tests' broker (started per test)
 if command -v "$PYTHON" >/dev/null 2>&1; then
     include=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
     [[ -f "$include/Python.h" ]] || need+=(python3-dev)
