@@ -15,6 +15,7 @@ from sharedpool.config import SETTINGS, PoolConfig, integer, seconds
 from sharedpool.errors import SharedPoolError
 from sharedpool.ledger import DEFAULT_SLOTS, Ledger, unlink
 
+from . import cluster
 from .daemon import Coordinator, Options
 from .status import format_table, snapshot_dict
 
@@ -64,11 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--exit-when-idle", type=_setting(_SECONDS, "--exit-when-idle"), metavar="SECONDS", help="exit once no worker has been registered for SECONDS")
     run.add_argument("--exit-with", type=_setting(integer(1, 2**22), "--exit-with"), metavar="PID", help="exit (after its workers are gone) when process PID exits")
     run.add_argument("-v", "--verbose", action="store_true", help="also log every worker registration (DEBUG)")
+    cluster.add_coordinator_options(run)
 
     status = sub.add_parser("status", help="show budget, free permits, workers, counters, heartbeat")
     status.add_argument("--name", type=_pool_name, default="default", help="pool name (default: %(default)s)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("--watch", type=_setting(_SECONDS, "--watch"), metavar="SECONDS", help="repeat every SECONDS until interrupted")
+    cluster.add_status_options(status)
     status.add_argument("--rate-window", type=_setting(_SECONDS, "--rate-window"), default=1.0, metavar="SECONDS",
                         help="measure rates (connections opened per second, sheds, waits) over SECONDS before the "
                         "first report; 0: no rates (default: %(default)s)")
@@ -81,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     reload = sub.add_parser("reload", help="change the budget of a running pool")
     reload.add_argument("--name", type=_pool_name, default="default", help="pool name (default: %(default)s)")
     reload.add_argument("--budget", type=_setting(SETTINGS["POOL_SIZE"][0], "--budget"), required=True, help="the new budget")
+
+    cluster.register(sub, _pool_name)
 
     cleanup = sub.add_parser("cleanup", help="remove a pool's shared memory and semaphore")
     cleanup.add_argument("--name", type=_pool_name, required=True, help="pool name")
@@ -118,10 +123,17 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         )
     )
     coordinator.start()
-    return coordinator.run()
+    agent = cluster.start_agent(args, coordinator.ledger, lambda: coordinator.running)
+    try:
+        return coordinator.run()
+    finally:
+        if agent is not None:
+            agent.stop()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.cluster:
+        return cluster.cmd_status(args)
     ledger = Ledger.attach(args.name)
     try:
         previous, taken = None, time.monotonic()
@@ -211,4 +223,5 @@ COMMANDS = {
     "reload": cmd_reload,
     "cleanup": cmd_cleanup,
     "metrics": cmd_metrics,
+    "cluster": cluster.cmd_cluster,
 }

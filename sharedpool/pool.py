@@ -23,7 +23,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from . import forksafe
+from . import cluster, forksafe
 from .config import PoolConfig
 from .embedded import attach_or_start
 from .errors import ConfigError, PoolClosed, PoolTimeout, PoolUnavailable
@@ -498,7 +498,7 @@ class LocalPool:
             self._stats["requests_wait_ms"] += waited_ms
             slot.connecting += 1
         try:
-            conn = self._connect(*self._connect_args, **self._connect_kwargs)
+            conn = cluster.connect(self._connect, self.config, deadline, timeout, *self._connect_args, **self._connect_kwargs)
         except BaseException:
             with budget.lock:
                 slot.connecting -= 1
