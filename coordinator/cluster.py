@@ -151,20 +151,33 @@ def water_fill(available: int, wants: Mapping[str, int], ceilings: Mapping[str, 
     if order:
         order = order[turn % len(order):] + order[: turn % len(order)]
     for limit in (wants, ceilings):
-        pending = [h for h in order if shares[h] < limit[h]]
-        while pending and available > 0:
-            level = available // len(pending)
-            if level == 0:
-                for host in pending[:available]:
-                    shares[host] += 1
-                available = 0
-                break
-            for host in pending:
-                give = min(level, limit[host] - shares[host])
-                shares[host] += give
-                available -= give
-            pending = [h for h in pending if shares[h] < limit[h]]
+        available -= _fill(shares, limit, available, order)
     return shares
+
+
+def _fill(shares: dict[str, int], limit: Mapping[str, int], available: int, order: list[str]) -> int:
+    """Raise the lowest shares towards ``limit`` with at most ``available`` more; return how many were given."""
+    total = available + sum(shares.values())
+
+    def level_used(level: int) -> int:
+        return sum(max(shares[h], min(limit[h], level)) for h in order)
+
+    low, high = 0, max((limit[h] for h in order), default=0)
+    while low < high:  # the highest water level that fits
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if level_used(middle) <= total else (low, middle - 1)
+    given = 0
+    for host in order:
+        raised = max(shares[host], min(limit[host], low))
+        given += raised - shares[host]
+        shares[host] = raised
+    for host in order:  # the remainder, one each, in turn order: fewer than the hosts at the level
+        if given >= available:
+            break
+        if shares[host] == low and shares[host] < limit[host]:
+            shares[host] += 1
+            given += 1
+    return given
 
 
 class DemandTracker:

@@ -1,0 +1,349 @@
+"""CLUSTER_BUDGET: one hard cap on the server for many hosts, shares that follow demand.
+
+Three layers: the share decisions with plain values; the server's refusal
+and the worker's retry against a real PostgreSQL; simulated hosts
+(tests/hosts.py: network, PID and mount namespaces) under load, with the
+pool's backends counted on the server every few milliseconds.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+import psycopg2
+import pytest
+
+from coordinator import cluster as agent_side
+from coordinator.cluster import FENCE_AFTER, LEASE, SUSPECT, DemandTracker, HostRow, plan, water_fill
+from helpers_procs import PYTHON, ROOT, sample_server, wait_until
+from hosts import Host, HostServer, Network
+from sharedpool import LocalPool, PoolConfig
+from sharedpool import cluster as worker_side
+from sharedpool.errors import ConfigError, PoolTimeout
+
+BUDGET = 6  # CLUSTER_BUDGET in the host tests
+POOL_SIZE = 4  # each host's ceiling
+WORKERS = 4  # per host, one connection each: 12 wanted for 6
+
+
+def row(host: str, *, wanted: int = 4, backends: tuple[int, ...] = (), age: float = 0.05, ceiling: int = 4) -> HostRow:
+    return HostRow(host, ceiling, 0, len(backends), 0, wanted, backends, 0, age)
+
+
+# -- decisions -------------------------------------------------------------------------------
+
+
+def test_water_fill_is_max_min_fair_then_fills_to_ceilings():
+    assert water_fill(6, {"a": 4, "b": 4, "c": 4}, dict.fromkeys("abc", 4), turn=0) == {"a": 2, "b": 2, "c": 2}
+    assert water_fill(6, {"a": 1, "b": 4, "c": 4}, dict.fromkeys("abc", 4), turn=0) == {"a": 1, "b": 3, "c": 2}
+    # demand met: the rest goes up to the ceilings, so a burst needs no round trip
+    assert water_fill(6, {"a": 1, "b": 0}, {"a": 4, "b": 4}, turn=0) == {"a": 3, "b": 3}
+
+
+def test_fewer_permits_than_hosts_take_turns():
+    wants, ceilings = dict.fromkeys("abc", 2), dict.fromkeys("abc", 2)
+    served = set()
+    for turn in range(3):
+        shares = water_fill(2, wants, ceilings, turn)
+        assert sum(shares.values()) == 2
+        served |= {h for h, s in shares.items() if s}
+    assert served == {"a", "b", "c"}
+
+
+def test_gone_hosts_backends_keep_their_budget_until_gone_and_are_fenced_after_the_grace():
+    alive = {101: 10.0, 102: 10.0, 201: 10.0}
+    rows = [row("a", backends=(101, 102), age=LEASE + 0.1), row("b", backends=(201,))]
+    decided = plan(6, rows, alive, now=0)
+    assert decided.live == {"b"} and decided.reserved == 2 and decided.shares == {"a": 0, "b": 4}
+    assert decided.fence == {}
+    rows[0] = row("a", backends=(101, 102), age=LEASE + FENCE_AFTER + 0.1)
+    assert plan(6, rows, alive, now=0).fence == {"a": (101, 102)}
+    # once its backends are gone, the budget is re-granted
+    assert plan(6, rows, {201: 10.0}, now=0).shares == {"a": 0, "b": 4}
+    assert plan(6, [rows[0], row("b", backends=(201,)), row("c")], {201: 10.0}, now=0).shares["c"] == 3
+
+
+def test_a_late_host_without_backends_is_gone_at_once_and_unlisted_old_backends_are_fenced():
+    alive = {301: 0.05, 302: LEASE + FENCE_AFTER + 1}
+    rows = [row("a", age=SUSPECT + 0.1), row("b", age=SUSPECT + 0.1, backends=(999,)), row("c")]
+    decided = plan(6, rows, {**alive, 999: 5.0}, now=0)
+    assert decided.live == {"b", "c"}
+    assert decided.fence == {"": (302,)}  # nobody lists it and it is old: a cut host's last connection
+    assert decided.reserved == 1  # 301 is fresh: a live host will list it at its next heartbeat
+
+
+def test_demand_keeps_its_peak_for_the_hold_time():
+    tracker = DemandTracker(hold=2.0)
+    assert tracker.update(4, now=0.0) == 4
+    assert tracker.update(1, now=1.0) == 4
+    assert tracker.update(1, now=2.5) == 1
+    assert tracker.update(3, now=2.6) == 3
+
+
+# -- the server's refusal and the worker's retry -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world():
+    network = Network(4)
+    try:
+        server = HostServer(network)
+    except BaseException:
+        network.close()
+        raise
+    try:
+        yield network, server
+    finally:
+        server.close()
+        network.close()
+
+
+def admin(server: HostServer):
+    conn = psycopg2.connect(server.dsn(), application_name="test-admin")
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture
+def pool_role(world, unique_name):
+    """A fresh pool NAME and its own role, CLUSTER_BUDGET set with `sharedpool cluster init`."""
+    _, server = world
+    role = f"r_{unique_name}"
+    with contextlib.closing(admin(server)) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE ROLE {role} LOGIN")
+    done = subprocess.run(
+        [PYTHON, "-m", "sharedpool.coordinator", "cluster", "init", "--name", unique_name, "--budget", str(BUDGET),
+         "--role", role, "--dsn", server.dsn()],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert done.returncode == 0, done.stderr
+    yield unique_name, role
+    with contextlib.closing(admin(server)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+        cur.execute("DELETE FROM sharedpool.cluster_pools WHERE pool = %s", (unique_name,))
+        wait_until(lambda: not _count(cur, "usename = %s", role), 5)
+        cur.execute(f"DROP ROLE {role}")
+
+
+def _count(cur, where: str, *params) -> int:
+    cur.execute(f"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND {where}", params)
+    return cur.fetchone()[0]
+
+
+def test_the_server_refuses_the_connection_beyond_the_budget_before_anyone_sees_it(world, pool_role):
+    _, server = world
+    name, role = pool_role
+    held = [psycopg2.connect(server.dsn(user=role), application_name=f"sharedpool/{name}") for _ in range(BUDGET)]
+    try:
+        with pytest.raises(psycopg2.OperationalError, match=worker_side.REFUSED):
+            psycopg2.connect(server.dsn(user=role), application_name=f"sharedpool/{name}")
+        config = PoolConfig(name=name, pool_size=2, cluster_budget=BUDGET, autostart=False)
+        started = time.monotonic()
+        with pytest.raises(PoolTimeout, match=f"CLUSTER_BUDGET {BUDGET} reached"):
+            worker_side.connect(psycopg2.connect, config, time.monotonic() + 0.3, 0.3, server.dsn(user=role))
+        assert time.monotonic() - started >= 0.3
+        # a slot frees while the worker retries: it gets in
+        held.pop().close()
+        conn = worker_side.connect(psycopg2.connect, config, time.monotonic() + 5, 5, server.dsn(user=role))
+        conn.close()
+    finally:
+        for conn in held:
+            conn.close()
+
+
+def test_a_pool_refuses_to_run_where_the_server_would_not_enforce_the_budget(world, pool_role, unique_name):
+    _, server = world
+    name, role = pool_role
+    superuser = PoolConfig(name=name, pool_size=2, cluster_budget=BUDGET, autostart=False)
+    with pytest.raises(ConfigError, match="superuser 'postgres' is exempt"):
+        worker_side.connect(psycopg2.connect, superuser, time.monotonic() + 1, 1, server.dsn())
+    other = PoolConfig(name=name + "x", pool_size=2, cluster_budget=BUDGET + 1, autostart=False)
+    with pytest.raises(ConfigError, match=f"CLUSTER_BUDGET is {BUDGET + 1} but role '{role}' has CONNECTION LIMIT {BUDGET}"):
+        worker_side.connect(psycopg2.connect, other, time.monotonic() + 1, 1, server.dsn(user=role))
+
+
+# -- simulated hosts ---------------------------------------------------------------------------
+
+
+class Run:
+    """Hosts of one test, a sampler of the pool's backends on the server, the cluster status."""
+
+    def __init__(self, world, name: str, role: str) -> None:
+        self.network, self.server = world
+        self.name, self.role = name, role
+        self.out = tempfile.mkdtemp(prefix="sp-cluster-")
+        os.chmod(self.out, 0o777)
+        self.hosts: dict[int, Host] = {}
+        ctx = multiprocessing.get_context("forkserver")
+        self.stop, self.results = ctx.Event(), ctx.Queue()
+        self.sampler = ctx.Process(target=sample_server, args=(self.server.dsn(), f"sharedpool/{name}", BUDGET,
+                                                              self.stop, self.results), daemon=True)
+        self.sampler.start()
+        self.admin = admin(self.server)
+
+    def add_host(self, n: int) -> Host:
+        self.hosts[n] = Host(self.network, self.server, n, name=self.name, role=self.role, pool_size=POOL_SIZE,
+                             cluster_budget=BUDGET, workers=WORKERS, out=self.out)
+        return self.hosts[n]
+
+    def status(self) -> dict:
+        return agent_side.cluster_status(self.admin, self.name)
+
+    def shares(self) -> dict[str, int]:
+        return {h["host"]: h["share"] for h in self.status()["hosts"] if h["live"]}
+
+    def from_host(self, n: int) -> int:
+        """Backends on the server whose client is host ``n``'s address (by the server's own view)."""
+        with self.admin.cursor() as cur:
+            return _count(cur, "usename = %s AND client_addr = %s", self.role, self.network.hosts[n - 1][3])
+
+    def wait_all_served(self, hosts, timeout: float = 30.0) -> None:
+        before = {n: self.hosts[n].served() for n in hosts}
+        ok = wait_until(lambda: all(self.hosts[n].served() > before[n] for n in hosts), timeout, 0.1)
+        assert ok, self.diagnose()
+
+    def diagnose(self) -> str:
+        return json.dumps({"status": self.status(), "counters": {n: h.counters() for n, h in self.hosts.items()},
+                           "logs": {n: h.read_log()[-3000:] for n, h in self.hosts.items()}}, indent=1)
+
+    def finish(self) -> dict:
+        """Stop the sampler; return its figures (peak, samples, largest gap between samples)."""
+        self.stop.set()
+        result = self.results.get(timeout=10)
+        self.sampler.join(5)
+        return result
+
+    def close(self) -> None:
+        for host in self.hosts.values():
+            host.close()
+        if self.sampler.is_alive():
+            self.stop.set()
+            self.sampler.join(5)
+            if self.sampler.is_alive():
+                self.sampler.kill()
+        self.admin.close()
+        shutil.rmtree(self.out, ignore_errors=True)
+
+
+@pytest.fixture
+def run(world, pool_role):
+    r = Run(world, *pool_role)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def _assert_cap(run: Run, figures: dict) -> None:
+    assert figures["samples"] > 100, figures
+    assert figures["peak"] <= BUDGET, f"server saw {figures['peak']} > CLUSTER_BUDGET {BUDGET}: {figures['over'][:3]}"
+    assert figures["max_gap"] < 0.1, figures  # the sampler really looked (≤ 20 ms nearly always: see "late")
+
+
+def test_steady_overload_coordinator_restart_new_host_and_idle_host(run, record_property):
+    """Three hosts want 12 connections for 6: cap held, each served; then churn under the same load."""
+    for n in (1, 2, 3):
+        run.add_host(n)
+    run.wait_all_served((1, 2, 3))
+    started = time.monotonic()
+    window = {n: run.hosts[n].served() for n in (1, 2, 3)}
+    time.sleep(10)
+    served = {n: run.hosts[n].served() - window[n] for n in (1, 2, 3)}
+    assert all(served.values()), (served, run.diagnose())
+    assert wait_until(lambda: run.shares() == {"h1": 2, "h2": 2, "h3": 2}, 5, 0.05), run.diagnose()
+    record_property("served_per_host_10s", served)
+
+    # kill and restart one host's coordinator: its workers keep going, the cap holds
+    run.hosts[2].command("coordinator-kill")
+    time.sleep(1.0)
+    run.hosts[2].command("coordinator-start")
+    run.wait_all_served((1, 2, 3))
+    assert wait_until(lambda: run.shares() == {"h1": 2, "h2": 2, "h3": 2}, 10, 0.05), run.diagnose()
+
+    # a new host under load gets a share and is served
+    t0 = time.monotonic()
+    run.add_host(4)
+    assert wait_until(lambda: run.shares().get("h4", 0) > 0, 30, 0.02), run.diagnose()
+    new_host_share_s = time.monotonic() - t0
+    run.wait_all_served((1, 2, 3, 4))
+
+    # an idle host's share drains to the others
+    run.hosts[1].set_idle(True)
+    t0 = time.monotonic()
+    assert wait_until(lambda: run.shares().get("h1", 1) == 0, 15, 0.02), run.diagnose()
+    drain_s = time.monotonic() - t0
+    assert wait_until(lambda: sum(run.shares().values()) == BUDGET, 5, 0.05)
+    run.wait_all_served((2, 3, 4))
+    figures = run.finish()
+    _assert_cap(run, figures)
+    record_property("peak_server_backends", figures["peak"])
+    record_property("new_host_share_s_incl_startup", round(new_host_share_s, 2))
+    record_property("idle_host_share_drained_s", round(drain_s, 2))
+    print(f"\nsteady: served/10 s {served}, peak {figures['peak']}, samples {figures['samples']}, "
+          f"max gap {figures['max_gap'] * 1000:.1f} ms, late {figures['late']}; new host share after "
+          f"{new_host_share_s:.2f} s (incl. its start), idle host drained in {drain_s:.2f} s "
+          f"(hold {agent_side.HOLD} s)", flush=True)
+
+
+def test_sigkill_of_a_whole_host_regrants_only_after_its_backends_are_gone(run, record_property):
+    for n in (1, 2, 3):
+        run.add_host(n)
+    run.wait_all_served((1, 2, 3))
+    assert wait_until(lambda: run.shares() == {"h1": 2, "h2": 2, "h3": 2}, 10, 0.05), run.diagnose()
+    assert wait_until(lambda: run.from_host(1) == 2, 5, 0.01)
+    t0 = time.monotonic()
+    run.hosts[1].kill()
+    gone_at = regrant_at = None
+    while time.monotonic() - t0 < 15 and regrant_at is None:
+        if gone_at is None and run.from_host(1) == 0:
+            gone_at = time.monotonic()
+        shares = run.shares()
+        if "h1" not in shares and sum(shares.values()) == BUDGET:
+            regrant_at = time.monotonic()
+            assert gone_at is not None and run.from_host(1) == 0, "re-granted while the dead host's backends lived"
+        time.sleep(0.01)
+    assert regrant_at is not None, run.diagnose()
+    run.wait_all_served((2, 3))
+    figures = run.finish()
+    _assert_cap(run, figures)
+    record_property("host_death_backends_gone_s", round(gone_at - t0, 3))
+    record_property("host_death_regrant_s", round(regrant_at - t0, 3))
+    print(f"\nhost SIGKILL: its backends gone after {gone_at - t0:.3f} s, share re-granted after "
+          f"{regrant_at - t0:.3f} s; peak {figures['peak']}", flush=True)
+
+
+def test_cut_link_longer_than_the_lease_then_heal(run, record_property):
+    for n in (1, 2, 3):
+        run.add_host(n)
+    run.wait_all_served((1, 2, 3))
+    assert wait_until(lambda: run.shares() == {"h1": 2, "h2": 2, "h3": 2}, 10, 0.05), run.diagnose()
+    assert wait_until(lambda: run.from_host(1) == 2, 5, 0.01)
+    t0 = time.monotonic()
+    run.network.cut(1)
+    try:
+        assert wait_until(lambda: "h1" not in run.shares() and sum(run.shares().values()) == BUDGET, 15, 0.02), \
+            run.diagnose()
+        regrant_s = time.monotonic() - t0
+        assert run.from_host(1) == 0  # fenced: the cut host's backends were terminated first
+        fenced = {h["host"]: h["fenced"] for h in run.status()["hosts"]}
+        assert fenced["h1"] >= 1, fenced
+        run.wait_all_served((2, 3))
+        time.sleep(max(0.0, LEASE + FENCE_AFTER + 2 - (time.monotonic() - t0)))
+    finally:
+        run.network.heal(1)
+    t1 = time.monotonic()
+    assert wait_until(lambda: run.shares().get("h1", 0) > 0, 30, 0.02), run.diagnose()
+    rejoin_s = time.monotonic() - t1
+    run.wait_all_served((1, 2, 3), timeout=60)
+    figures = run.finish()
+    _assert_cap(run, figures)
+    record_property("partition_regrant_s", round(regrant_s, 3))
+    record_property("partition_rejoin_s", round(rejoin_s, 3))
+    print(f"\npartition: share re-granted after {regrant_s:.3f} s (lease {LEASE} s + fence grace {FENCE_AFTER} s), "
+          f"fenced {fenced}; healed host has a share again after {rejoin_s:.3f} s; peak {figures['peak']}", flush=True)
