@@ -98,7 +98,7 @@ class Host:
     """One simulated host: coordinator (with the cluster agent) plus ``workers`` workers, in its namespaces."""
 
     def __init__(self, network: Network, server: HostServer, n: int, *, name: str, role: str, pool_size: int,
-                 cluster_budget: int, workers: int, out: str, query_s: float = 0.05, timeout: float = 5.0) -> None:
+                 cluster_budget: int | None, workers: int, out: str, query_s: float = 0.05, timeout: float = 5.0) -> None:
         ns, _, outer_addr, _ = network.hosts[n - 1]
         self.host = f"h{n}"
         self.out = out
@@ -178,10 +178,10 @@ def host_main(spec: dict) -> None:
     env = {**os.environ, "PYTHONPATH": ROOT}
 
     def coordinator() -> subprocess.Popen:
-        return subprocess.Popen(
-            [PYTHON, "-m", "sharedpool.coordinator", "coordinator", "--name", spec["name"], "--budget",
-             str(spec["pool_size"]), "--cluster-budget", str(spec["cluster_budget"]), "--dsn", spec["admin_dsn"],
-             "--cluster-host", spec["host"], "-v"], env=env)
+        argv = [PYTHON, "-m", "sharedpool.coordinator", "coordinator", "--name", spec["name"], "--budget", str(spec["pool_size"])]
+        if spec["cluster_budget"] is not None:
+            argv += ["--cluster-budget", str(spec["cluster_budget"]), "--dsn", spec["admin_dsn"], "--cluster-host", spec["host"]]
+        return subprocess.Popen(argv, env=env)
 
     coord = coordinator()
     from sharedpool.ledger import coordinator_ready

@@ -187,9 +187,9 @@ class Run:
         self.sampler.start()
         self.admin = admin(self.server)
 
-    def add_host(self, n: int) -> Host:
-        self.hosts[n] = Host(self.network, self.server, n, name=self.name, role=self.role, pool_size=POOL_SIZE,
-                             cluster_budget=BUDGET, workers=WORKERS, out=self.out)
+    def add_host(self, n: int, pool_size: int = POOL_SIZE, workers: int = WORKERS, cluster_budget: int | None = BUDGET) -> Host:
+        self.hosts[n] = Host(self.network, self.server, n, name=self.name, role=self.role, pool_size=pool_size,
+                             cluster_budget=cluster_budget, workers=workers, out=self.out)
         return self.hosts[n]
 
     def status(self) -> dict:
@@ -266,12 +266,26 @@ def test_steady_overload_coordinator_restart_new_host_and_idle_host(run, record_
     run.wait_all_served((1, 2, 3))
     assert wait_until(lambda: run.shares() == {"h1": 2, "h2": 2, "h3": 2}, 10, 0.05), run.diagnose()
 
-    # a new host under load gets a share and is served
-    t0 = time.monotonic()
+    # a new host under load gets a share, and the others hand it over
     run.add_host(4)
-    assert wait_until(lambda: run.shares().get("h4", 0) > 0, 30, 0.02), run.diagnose()
+    assert wait_until(lambda: any(h["host"] == "h4" and h["wanted"] for h in run.status()["hosts"]), 30, 0.01), \
+        run.diagnose()
+    t0 = time.monotonic()  # its first heartbeat that reports demand
+    assert wait_until(lambda: run.shares().get("h4", 0) > 0, 5, 0.01), run.diagnose()
     new_host_share_s = time.monotonic() - t0
+    share = run.shares()["h4"]
+    t1 = time.monotonic()
+    assert wait_until(lambda: run.from_host(4) >= share, 10, 0.005), run.diagnose()
+    handoff_s = time.monotonic() - t1
     run.wait_all_served((1, 2, 3, 4))
+    listed = subprocess.run(
+        [PYTHON, "-m", "sharedpool.coordinator", "status", "--cluster", "--json", "--name", run.name,
+         "--dsn", run.server.dsn()], capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert listed.returncode == 0, listed.stderr
+    hosts = {h["host"]: h for h in json.loads(listed.stdout)["hosts"]}
+    assert set(hosts) == {"h1", "h2", "h3", "h4"} and all(h["live"] for h in hosts.values())
+    assert sum(h["share"] for h in hosts.values()) == BUDGET
+    assert {"held", "waiting", "heartbeat_age_s", "fenced"} <= set(hosts["h4"])
 
     # an idle host's share drains to the others
     run.hosts[1].set_idle(True)
@@ -283,11 +297,13 @@ def test_steady_overload_coordinator_restart_new_host_and_idle_host(run, record_
     figures = run.finish()
     _assert_cap(run, figures)
     record_property("peak_server_backends", figures["peak"])
-    record_property("new_host_share_s_incl_startup", round(new_host_share_s, 2))
+    record_property("new_host_share_s", round(new_host_share_s, 3))
+    record_property("share_handoff_s", round(handoff_s, 3))
     record_property("idle_host_share_drained_s", round(drain_s, 2))
     print(f"\nsteady: served/10 s {served}, peak {figures['peak']}, samples {figures['samples']}, "
-          f"max gap {figures['max_gap'] * 1000:.1f} ms, late {figures['late']}; new host share after "
-          f"{new_host_share_s:.2f} s (incl. its start), idle host drained in {drain_s:.2f} s "
+          f"max gap {figures['max_gap'] * 1000:.1f} ms, late {figures['late']}; new host share "
+          f"{share} after {new_host_share_s:.3f} s from its first demand, handed over (its backends on the server) "
+          f"{handoff_s:.3f} s later; idle host drained in {drain_s:.2f} s "
           f"(hold {agent_side.HOLD} s)", flush=True)
 
 
@@ -347,3 +363,27 @@ def test_cut_link_longer_than_the_lease_then_heal(run, record_property):
     record_property("partition_rejoin_s", round(rejoin_s, 3))
     print(f"\npartition: share re-granted after {regrant_s:.3f} s (lease {LEASE} s + fence grace {FENCE_AFTER} s), "
           f"fenced {fenced}; healed host has a share again after {rejoin_s:.3f} s; peak {figures['peak']}", flush=True)
+
+
+def test_throughput_of_three_hosts_against_one_host_with_the_same_total(run, record_property):
+    """A figure, not a pass/fail: 3 hosts x 4 workers sharing 6, then 1 host x 12 workers with POOL_SIZE 6."""
+
+    def served_in(hosts: tuple[int, ...], seconds: float = 10.0) -> int:
+        run.wait_all_served(hosts)
+        before = sum(run.hosts[n].served() for n in hosts)
+        time.sleep(seconds)
+        return sum(run.hosts[n].served() for n in hosts) - before
+
+    for n in (1, 2, 3):
+        run.add_host(n)
+    three = served_in((1, 2, 3))
+    for n in (1, 2, 3):
+        run.hosts.pop(n).close()
+    run.add_host(4, pool_size=BUDGET, workers=3 * WORKERS, cluster_budget=None)
+    one = served_in((4,))
+    figures = run.finish()
+    _assert_cap(run, figures)
+    record_property("three_hosts_served_10s", three)
+    record_property("one_host_served_10s", one)
+    print(f"\nthroughput, pg_sleep(0.05) per request, 12 workers, 6 connections: 3 hosts {three}, 1 host {one}, "
+          f"ratio {three / one:.2f}", flush=True)
