@@ -20,6 +20,7 @@ Schema (created by ``sharedpool cluster init`` or the first agent)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -33,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 
 from sharedpool import channel
 from sharedpool.config import SETTINGS
@@ -51,9 +53,10 @@ HOLD = 2.0  # seconds a host's peak demand is kept before its share may shrink (
 ROTATE = 2.0  # seconds between turns when the budget is smaller than the number of hosts wanting
 PRUNE_AFTER = 600.0  # seconds after which the row of a gone host with no backend is deleted
 LOCK_CLASS = 0x5350  # first key of the advisory lock that serializes plans ("SP")
-AGENT_CONNECT = {  # the agent notices a cut link within seconds, not after TCP's minutes
+AGENT_CONNECT = {  # the agent notices a cut link within seconds, and the server a cut agent's transaction
     "connect_timeout": 2, "keepalives": 1, "keepalives_idle": 1, "keepalives_interval": 1,
     "keepalives_count": 2, "tcp_user_timeout": 2000,
+    "options": "-c idle_in_transaction_session_timeout=1000 -c statement_timeout=1500",
 }
 
 SCHEMA = """
@@ -293,11 +296,23 @@ class Agent:
         self.stopping = threading.Event()
         self.outage_logged = False
 
-    def start(self, ledger: Ledger) -> None:
-        """Check the server's records, then start the threads; raise if the cluster is not set up."""
-        self.conn = connect(self.dsn, self.name)
-        with self.conn.cursor() as cur:
-            cur.execute(SCHEMA)
+    def check(self) -> None:
+        """Before the coordinator starts: refuse a cluster that is not set up, or set up otherwise.
+
+        An unreachable server is not an error here (workers could not connect
+        either): the agent keeps trying every TICK and checks then.
+        """
+        try:
+            self.conn = connect(self.dsn, self.name)
+            self._check_records()
+        except psycopg2.OperationalError as exc:
+            log.warning("pool %r: cluster store unreachable, will retry: %s", self.name, exc)
+            self.outage_logged = True
+            if self.conn is not None:
+                self.conn.close()
+            self.conn = None
+
+    def _check_records(self) -> None:
         self.role, budget = pool_role(self.conn, self.name)
         if budget != self.budget:
             raise ClusterError(
@@ -311,6 +326,9 @@ class Agent:
                     f"pool {self.name!r}: the coordinator's --dsn must use another role than the pool's "
                     f"({self.role!r}): its session would take one of the budget's connections"
                 )
+
+    def start(self, ledger: Ledger) -> None:
+        """Register the parking slot and start the threads (after the coordinator created or adopted the ledger)."""
         self.ledger = ledger
         self.gate = PermitGate(ledger)
         self.gate.register()
@@ -319,7 +337,7 @@ class Agent:
         self.loop = threading.Thread(target=self._run, name=f"sharedpool-{self.name}-cluster", daemon=True)
         self.parker.start()
         self.loop.start()
-        log.info("pool %r: cluster agent for host %r, CLUSTER_BUDGET %d (role %r)", self.name, self.host, budget, self.role)
+        log.info("pool %r: cluster agent for host %r, CLUSTER_BUDGET %d", self.name, self.host, self.budget)
 
     def stop(self) -> None:
         """Give the parked permits back (the coordinator drains only once every slot is free)."""
@@ -342,6 +360,8 @@ class Agent:
                         request_shed(self.ledger, self.gate.slot_index)  # not a real holder: pass it on
                 except socket.timeout:
                     pass
+        except Exception:
+            log.exception("pool %r: the cluster agent stopped; this host's share is no longer kept", self.name)
         finally:
             self.stopping.set()
             self.parker.join()
@@ -376,6 +396,7 @@ class Agent:
         try:
             if self.conn is None or self.conn.closed:
                 self.conn = connect(self.dsn, self.name)
+                self._check_records()
             share = self._plan(ceiling, sum(s.held for s in workers), waiting, wanted, backends)
         except (psycopg2.Error, ClusterError) as exc:
             if not self.outage_logged:
@@ -395,22 +416,28 @@ class Agent:
 
     def _plan(self, ceiling: int, held: int, waiting: int, wanted: int, backends: list[int]) -> int:
         with self.conn.cursor() as cur:
+            # the heartbeat commits on its own: it never waits for another host's plan
+            cur.execute(
+                "INSERT INTO sharedpool.cluster_hosts AS h (pool, host, ceiling, held, waiting, wanted, backends, heartbeat) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, clock_timestamp()) ON CONFLICT (pool, host) DO UPDATE SET "
+                "ceiling = excluded.ceiling, held = excluded.held, waiting = excluded.waiting, "
+                "wanted = excluded.wanted, backends = excluded.backends, heartbeat = excluded.heartbeat "
+                "RETURNING share, (SELECT budget FROM sharedpool.cluster_pools WHERE pool = h.pool)",
+                (self.name, self.host, ceiling, held, waiting, wanted, backends),
+            )
+            share, budget = cur.fetchone()
+            if budget is None:
+                raise ClusterError(f"pool {self.name!r}: the cluster budget was removed from the server")
             cur.execute("BEGIN")
             try:
-                cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (LOCK_CLASS, self.name))
-                cur.execute(
-                    "INSERT INTO sharedpool.cluster_hosts AS h (pool, host, ceiling, held, waiting, wanted, backends, heartbeat) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, clock_timestamp()) ON CONFLICT (pool, host) DO UPDATE SET "
-                    "ceiling = excluded.ceiling, held = excluded.held, waiting = excluded.waiting, "
-                    "wanted = excluded.wanted, backends = excluded.backends, heartbeat = excluded.heartbeat "
-                    "RETURNING (SELECT budget FROM sharedpool.cluster_pools WHERE pool = h.pool)",
-                    (self.name, self.host, ceiling, held, waiting, wanted, backends),
-                )
-                budget = cur.fetchone()[0]
-                if budget is None:
-                    raise ClusterError(f"pool {self.name!r}: the cluster budget was removed from the server")
+                # never wait: a planner cut off mid-plan holds the lock until the server ends its
+                # transaction (idle_in_transaction_session_timeout), and any host's plan covers every host
+                cur.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))", (LOCK_CLASS, self.name))
+                if not cur.fetchone()[0]:
+                    cur.execute("COMMIT")
+                    return share
                 decided = plan(budget, read_hosts(cur, self.name), role_backends(cur, self.role), time.time())
-                fenced = {host: len(pids) for host, pids in decided.fence.items() if host}
+                fenced = self._fence(cur, decided.fence)
                 cur.execute(
                     "UPDATE sharedpool.cluster_hosts h SET share = v.share, fenced = h.fenced + v.fenced "
                     "FROM unnest(%s::text[], %s::int[], %s::int[]) AS v(host, share, fenced) "
@@ -418,19 +445,36 @@ class Agent:
                     (list(decided.shares), list(decided.shares.values()),
                      [fenced.get(h, 0) for h in decided.shares], self.name),
                 )
-                pids = [pid for group in decided.fence.values() for pid in group]
-                if pids:
-                    cur.execute("SELECT pid, pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
-                    log.warning("pool %r: fenced backends %s of gone hosts %s", self.name, pids, sorted(decided.fence))
                 if decided.prune:
                     cur.execute("DELETE FROM sharedpool.cluster_hosts WHERE pool = %s AND host = ANY(%s)",
                                 (self.name, list(decided.prune)))
                 cur.execute("COMMIT")
             except BaseException:
-                if not self.conn.closed:
+                with contextlib.suppress(psycopg2.Error):
                     cur.execute("ROLLBACK")
                 raise
         return decided.shares[self.host]
+
+    def _fence(self, cur: Any, fence: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+        """Terminate gone hosts' backends; return how many were terminated per host."""
+        pids = [pid for group in fence.values() for pid in group]
+        if not pids:
+            return {}
+        try:
+            cur.execute("SAVEPOINT fence")
+            cur.execute("SELECT pid FROM unnest(%s::int[]) AS pid WHERE pg_terminate_backend(pid)", (pids,))
+            done = {row[0] for row in cur.fetchall()}
+        except psycopg2.errors.InsufficientPrivilege as exc:
+            cur.execute("ROLLBACK TO SAVEPOINT fence")
+            done, refused = set(), exc
+        else:
+            refused = None
+        if done:
+            log.warning("pool %r: terminated backends %s of gone hosts %s", self.name, sorted(done), sorted(fence))
+        if refused is not None or len(done) < len(pids):
+            log.warning("pool %r: could not terminate backends %s (the --dsn role needs membership in %r or in "
+                        "pg_signal_backend): %s", self.name, sorted(set(pids) - done), self.role, refused or "")
+        return {host: sum(pid in done for pid in group) for host, group in fence.items() if host}
 
 
 # -- the command line --------------------------------------------------------------------
@@ -446,19 +490,26 @@ def add_coordinator_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-host", metavar="HOST", help="this host's name in the cluster (default: the hostname)")
 
 
-def start_agent(args: argparse.Namespace, ledger: Ledger, running: Callable[[], bool]) -> Agent | None:
-    """Start the agent if the coordinator was asked to share a cluster budget (else None)."""
+def make_agent(args: argparse.Namespace, running: Callable[[], bool]) -> Agent | None:
+    """Check the cluster set-up if the coordinator was asked to share a cluster budget (else None)."""
     if args.cluster_budget is None:
         return None
     if not args.dsn:
         raise ConfigError("--cluster-budget needs --dsn (the PostgreSQL server the hosts share)")
     agent = Agent(args.name, args.dsn, args.cluster_budget, running, host=args.cluster_host)
+    agent.check()
+    return agent
+
+
+def start_agent(agent: Agent | None, ledger: Ledger) -> None:
+    """Start the agent once the coordinator owns the ledger; SIGTERM/SIGINT stop it first."""
+    if agent is None:
+        return
     agent.start(ledger)
     for signum in (signal.SIGTERM, signal.SIGINT):  # free the parked slot first: the coordinator drains until all are
         previous = signal.getsignal(signum)
         if callable(previous):
             signal.signal(signum, _chained(agent.stopping.set, previous))
-    return agent
 
 
 def _chained(first: Callable[[], object], then: Callable[[int, Any], object]) -> Callable[[int, Any], None]:

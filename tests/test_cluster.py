@@ -23,7 +23,7 @@ from coordinator import cluster as agent_side
 from coordinator.cluster import FENCE_AFTER, LEASE, SUSPECT, DemandTracker, HostRow, plan, water_fill
 from helpers_procs import PYTHON, ROOT, sample_server, wait_until
 from hosts import Host, HostServer, Network
-from sharedpool import LocalPool, PoolConfig
+from sharedpool import PoolConfig
 from sharedpool import cluster as worker_side
 from sharedpool.errors import ConfigError, PoolTimeout
 
