@@ -122,8 +122,9 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             exit_with_pid=args.exit_with,
         )
     )
+    agent = cluster.make_agent(args, lambda: coordinator.running)
     coordinator.start()
-    agent = cluster.start_agent(args, coordinator.ledger, lambda: coordinator.running)
+    cluster.start_agent(agent, coordinator.ledger)
     try:
         return coordinator.run()
     finally:
