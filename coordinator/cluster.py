@@ -313,7 +313,14 @@ class Agent:
             self.conn = None
 
     def _check_records(self) -> None:
-        self.role, budget = pool_role(self.conn, self.name)
+        try:
+            self.role, budget = pool_role(self.conn, self.name)
+        except psycopg2.errors.InsufficientPrivilege as exc:
+            raise ClusterError(
+                f"pool {self.name!r}: the coordinator's --dsn role cannot read the cluster tables ({exc}".strip()
+                + "); use a role other than the pool's, with SELECT, INSERT, UPDATE, DELETE on "
+                "sharedpool.cluster_pools and sharedpool.cluster_hosts"
+            ) from None
         if budget != self.budget:
             raise ClusterError(
                 f"pool {self.name!r}: --cluster-budget {self.budget} disagrees with CLUSTER_BUDGET {budget} recorded "

@@ -387,3 +387,33 @@ def test_throughput_of_three_hosts_against_one_host_with_the_same_total(run, rec
     record_property("one_host_served_10s", one)
     print(f"\nthroughput, pg_sleep(0.05) per request, 12 workers, 6 connections: 3 hosts {three}, 1 host {one}, "
           f"ratio {three / one:.2f}", flush=True)
+
+
+def test_coordinator_refuses_a_cluster_not_set_up_and_stops_promptly_with_its_agent(world, pool_role, unique_name):
+    from helpers_procs import CoordinatorProc, coordinator
+
+    _, server = world
+    name, role = pool_role
+    for argv, message in (
+        ([], "needs --dsn"),
+        (["--dsn", server.dsn()], f"disagrees with CLUSTER_BUDGET {BUDGET}"),
+        (["--dsn", server.dsn(user=role)], "cannot read the cluster tables"),
+    ):
+        budget = BUDGET + 1 if "disagrees" in message else BUDGET
+        coord = CoordinatorProc(name, 2, "--cluster-budget", str(budget), *argv, wait=False)
+        try:
+            assert coord.proc.wait(30) == 1 and message in coord.log(), coord.log()
+        finally:
+            coord.close()
+    other = unique_name[:-2] + "zz"
+    coord = CoordinatorProc(other, 2, "--cluster-budget", str(BUDGET), "--dsn", server.dsn(), wait=False)
+    try:
+        assert coord.proc.wait(30) == 1 and "sharedpool cluster init" in coord.log(), coord.log()
+    finally:
+        coord.close()
+    with coordinator(name, 2, "--cluster-budget", str(BUDGET), "--dsn", server.dsn()) as coord:
+        with contextlib.closing(admin(server)) as conn:
+            assert wait_until(lambda: any(h["host"] for h in agent_side.cluster_status(conn, name)["hosts"]), 10)
+        started = time.monotonic()
+        assert coord.stop() == 0
+        assert time.monotonic() - started < 5.0, coord.log()  # the parked slot was freed: no 10 s drain
