@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--name", type=_pool_name, action="append", required=True, help="pool name (repeat for several)")
     metrics.add_argument("--port", type=_setting(integer(1, 65535), "--port"), default=9187, help="TCP port (default: %(default)s)")
     metrics.add_argument("--addr", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    metrics.add_argument("--cluster-dsn", metavar="DSN", help="also export the hosts sharing each pool's CLUSTER_BUDGET, read from this server")
 
     reload = sub.add_parser("reload", help="change the budget of a running pool")
     reload.add_argument("--name", type=_pool_name, default="default", help="pool name (default: %(default)s)")
@@ -169,6 +170,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # before the server thread starts: it inherits the mask
     registry = CollectorRegistry()
     registry.register(LedgerCollector(ledgers))
+    if args.cluster_dsn:
+        registry.register(cluster.collector(args.cluster_dsn, args.name))
     start_http_server(args.port, addr=args.addr, registry=registry)
     print(f"serving metrics of {', '.join(args.name)} on http://{args.addr}:{args.port}/metrics", file=sys.stderr, flush=True)
     signal.sigwait(stop)

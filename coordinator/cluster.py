@@ -601,3 +601,49 @@ def cmd_status(args: argparse.Namespace) -> int:
         conn.close()
     print(json.dumps(status) if args.json else format_status(status), flush=True)
     return 0
+
+
+def collector(dsn: str, names: list[str]) -> Any:
+    """A Prometheus collector of the hosts sharing each pool's CLUSTER_BUDGET (``sharedpool metrics --cluster-dsn``).
+
+    Runs in the metrics process; one short connection per scrape, so a
+    scrape never holds a session between scrapes.
+    """
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.registry import Collector
+
+    per_host = {
+        "share": "Permits this host may hold under CLUSTER_BUDGET",
+        "held": "Permits the host's workers hold (last heartbeat)",
+        "waiting": "Threads of the host waiting for a permit (last heartbeat)",
+        "wanted": "The host's demand, its peak over the hold time",
+        "heartbeat_age_s": "Seconds since the host's last heartbeat, by the server's clock",
+        "live": "1 while the host counts as live",
+        "backends": "The host's backends on the server",
+    }
+
+    class ClusterCollector(Collector):
+        def collect(self) -> Any:
+            budget = GaugeMetricFamily("sharedpool_cluster_budget", "CLUSTER_BUDGET of the pool", labels=["pool"])
+            backends = GaugeMetricFamily("sharedpool_cluster_server_backends", "The pool role's backends on the server", labels=["pool"])
+            hosts = {key: GaugeMetricFamily(f"sharedpool_cluster_host_{key.removesuffix('_s')}" + ("_seconds" if key.endswith("_s") else ""),
+                                            help_text, labels=["pool", "host"]) for key, help_text in per_host.items()}
+            fenced = CounterMetricFamily("sharedpool_cluster_host_fenced", "Backends of the host terminated after it was gone", labels=["pool", "host"])
+            conn = connect(dsn, names[0])
+            try:
+                for name in names:
+                    status = cluster_status(conn, name)
+                    budget.add_metric([name], status["budget"])
+                    backends.add_metric([name], status["server_backends"])
+                    for host in status["hosts"]:
+                        for key, family in hosts.items():
+                            family.add_metric([name, host["host"]], float(host[key]))
+                        fenced.add_metric([name, host["host"]], host["fenced"])
+            finally:
+                conn.close()
+            yield budget
+            yield backends
+            yield from hosts.values()
+            yield fenced
+
+    return ClusterCollector()

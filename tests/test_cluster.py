@@ -286,6 +286,11 @@ def test_steady_overload_coordinator_restart_new_host_and_idle_host(run, record_
     assert set(hosts) == {"h1", "h2", "h3", "h4"} and all(h["live"] for h in hosts.values())
     assert sum(h["share"] for h in hosts.values()) == BUDGET
     assert {"held", "waiting", "heartbeat_age_s", "fenced"} <= set(hosts["h4"])
+    table = subprocess.run(
+        [PYTHON, "-m", "sharedpool.coordinator", "status", "--cluster", "--name", run.name, "--dsn", run.server.dsn()],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert table.returncode == 0 and f"CLUSTER_BUDGET {BUDGET}" in table.stdout, table.stderr
+    print("\n" + table.stdout, flush=True)
 
     # an idle host's share drains to the others
     run.hosts[1].set_idle(True)
@@ -417,3 +422,20 @@ def test_coordinator_refuses_a_cluster_not_set_up_and_stops_promptly_with_its_ag
         started = time.monotonic()
         assert coord.stop() == 0
         assert time.monotonic() - started < 5.0, coord.log()  # the parked slot was freed: no 10 s drain
+
+
+def test_metrics_list_every_host(world, pool_role):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    _, server = world
+    name, _ = pool_role
+    with contextlib.closing(admin(server)) as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO sharedpool.cluster_hosts (pool, host, ceiling, share, held, fenced) "
+                    "VALUES (%s, 'h9', 4, 2, 1, 3)", (name,))
+    registry = CollectorRegistry()
+    registry.register(agent_side.collector(server.dsn(), [name]))
+    text = generate_latest(registry).decode()
+    assert f'sharedpool_cluster_budget{{pool="{name}"}} {float(BUDGET)}' in text
+    assert f'sharedpool_cluster_host_share{{host="h9",pool="{name}"}} 2.0' in text
+    assert f'sharedpool_cluster_host_fenced_total{{host="h9",pool="{name}"}} 3.0' in text
+    assert f'sharedpool_cluster_host_heartbeat_age_seconds{{host="h9",pool="{name}"}}' in text
