@@ -51,6 +51,7 @@ LEASE = 2.0  # seconds without heartbeat after which a host counts as gone even 
 FENCE_AFTER = 1.0  # seconds past LEASE after which a gone host's backends are terminated
 HOLD = 2.0  # seconds a host's peak demand is kept before its share may shrink (hysteresis)
 ROTATE = 2.0  # seconds between turns when the budget is smaller than the number of hosts wanting
+UNLISTED_GRACE = 5 * TICK  # seconds a backend no live host lists may be one whose host will list it next tick
 PRUNE_AFTER = 600.0  # seconds after which the row of a gone host with no backend is deleted
 LOCK_CLASS = 0x5350  # first key of the advisory lock that serializes plans ("SP")
 AGENT_CONNECT = {  # the agent notices a cut link within seconds, and the server a cut agent's transaction
@@ -129,7 +130,7 @@ def plan(budget: int, rows: Iterable[HostRow], alive: Mapping[int, float], now: 
         row = listed_by.get(pid)
         if age > LEASE + FENCE_AFTER and (row is None or row.age > LEASE + FENCE_AFTER):
             fence.setdefault(row.host if row else "", []).append(pid)
-    reserved = sum(1 for pid, age in orphans.items() if pid in listed_by or age > TICK * 5)
+    reserved = sum(1 for pid, age in orphans.items() if pid in listed_by or age > UNLISTED_GRACE)
     wants = {r.host: min(r.wanted, r.ceiling) for r in live}
     ceilings = {r.host: r.ceiling for r in live}
     shares = water_fill(max(budget - reserved, 0), wants, ceilings, turn=int(now // ROTATE))

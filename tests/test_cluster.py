@@ -91,6 +91,8 @@ def test_demand_keeps_its_peak_for_the_hold_time():
 
 @pytest.fixture(scope="module")
 def world():
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("unshare"):
+        pytest.skip("simulated hosts need root, ip and unshare")
     network = Network(4)
     try:
         server = HostServer(network)
