@@ -148,12 +148,19 @@ def water_fill(available: int, wants: Mapping[str, int], ceilings: Mapping[str, 
     """Max-min fair shares of ``available``: demand first, then what is left up to each ceiling.
 
     When fewer permits than hosts wanting remain, the hosts take turns
-    (``turn`` rotates the order), so no host starves.
+    (``turn`` rotates the order), so no host starves; otherwise the order is
+    fixed, so a remainder does not move between hosts (no handoff churn).
     """
-    shares = dict.fromkeys(wants, 0)
     order = sorted(wants)
-    if order:
-        order = order[turn % len(order):] + order[: turn % len(order)]
+    shares = _fill_both(available, wants, ceilings, order)
+    if any(wants[h] and not shares[h] for h in order):
+        shift = turn % len(order)
+        shares = _fill_both(available, wants, ceilings, order[shift:] + order[:shift])
+    return shares
+
+
+def _fill_both(available: int, wants: Mapping[str, int], ceilings: Mapping[str, int], order: list[str]) -> dict[str, int]:
+    shares = dict.fromkeys(order, 0)
     for limit in (wants, ceilings):
         available -= _fill(shares, limit, available, order)
     return shares

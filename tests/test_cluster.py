@@ -54,6 +54,8 @@ def test_fewer_permits_than_hosts_take_turns():
         assert sum(shares.values()) == 2
         served |= {h for h, s in shares.items() if s}
     assert served == {"a", "b", "c"}
+    # when every host gets something, a remainder stays where it is
+    assert {water_fill(7, dict.fromkeys("abc", 4), dict.fromkeys("abc", 4), turn)["a"] for turn in range(3)} == {3}
 
 
 def test_gone_hosts_backends_keep_their_budget_until_gone_and_are_fenced_after_the_grace():
