@@ -415,7 +415,7 @@ class Agent:
             share = self._plan(ceiling, sum(s.held for s in workers), waiting, wanted, backends)
         except (psycopg2.Error, ClusterError) as exc:
             if not self.outage_logged:
-                log.warning("pool %r: cluster store unreachable, keeping share %s: %s", self.name, self.share, exc)
+                log.warning("pool %r: cluster store unreachable or refusing, keeping share %s: %s", self.name, self.share, exc)
                 self.outage_logged = True
             if self.conn is not None:
                 self.conn.close()
@@ -511,6 +511,9 @@ def make_agent(args: argparse.Namespace, running: Callable[[], bool]) -> Agent |
         return None
     if not args.dsn:
         raise ConfigError("--cluster-budget needs --dsn (the PostgreSQL server the hosts share)")
+    if args.exit_when_idle is not None or args.exit_with is not None:
+        raise ConfigError("--cluster-budget cannot be combined with --exit-when-idle or --exit-with: the agent's "
+                          "parking slot keeps the pool registered, so the coordinator would never exit on its own")
     agent = Agent(args.name, args.dsn, args.cluster_budget, running, host=args.cluster_host)
     agent.check()
     return agent

@@ -406,6 +406,7 @@ def test_coordinator_refuses_a_cluster_not_set_up_and_stops_promptly_with_its_ag
     name, role = pool_role
     for argv, message in (
         ([], "needs --dsn"),
+        (["--dsn", server.dsn(), "--exit-when-idle", "5"], "cannot be combined with --exit-when-idle"),
         (["--dsn", server.dsn()], f"disagrees with CLUSTER_BUDGET {BUDGET}"),
         (["--dsn", server.dsn(user=role)], "cannot read the cluster tables"),
     ):
