@@ -7,8 +7,8 @@ its own network namespace, reached through a veth pair whose addresses
 (10.231.N.1/30 outside, 10.231.N.2/30 inside) exist only while the test
 runs; its own PID namespace, so SIGKILL of its PID 1 kills every process of
 the host at once; and its own tmpfs on /dev/shm, so its ledger and semaphore
-are its own. Inside, the host process starts a coordinator with
-``--cluster-budget`` and WORKERS workers, each a loop of short queries that
+are its own. Inside, the host process starts a coordinator (with
+``--cluster-budget`` unless ``agent=False``) and WORKERS workers, each a loop of short queries that
 writes its counters to ``OUT/<host>-w<K>.json``; a file ``OUT/<host>.idle``
 makes the workers pause.
 """
@@ -98,13 +98,14 @@ class Host:
     """One simulated host: coordinator (with the cluster agent) plus ``workers`` workers, in its namespaces."""
 
     def __init__(self, network: Network, server: HostServer, n: int, *, name: str, role: str, pool_size: int,
-                 cluster_budget: int | None, workers: int, out: str, query_s: float = 0.05, timeout: float = 5.0) -> None:
+                 cluster_budget: int | None, workers: int, out: str, query_s: float = 0.05, timeout: float = 5.0,
+                 agent: bool = True) -> None:
         ns, _, outer_addr, _ = network.hosts[n - 1]
         self.host = f"h{n}"
         self.out = out
         spec = {
             "host": self.host, "name": name, "pool_size": pool_size, "cluster_budget": cluster_budget,
-            "workers": workers, "out": out, "query_s": query_s, "timeout": timeout,
+            "workers": workers, "out": out, "query_s": query_s, "timeout": timeout, "agent": agent,
             "admin_dsn": server.dsn(outer_addr), "worker_dsn": server.dsn(outer_addr, user=role),
         }
         argv = ["ip", "netns", "exec", ns, "unshare", "--mount", "--pid", "--fork", "--mount-proc", "--",
@@ -179,7 +180,7 @@ def host_main(spec: dict) -> None:
 
     def coordinator() -> subprocess.Popen:
         argv = [PYTHON, "-m", "sharedpool.coordinator", "coordinator", "--name", spec["name"], "--budget", str(spec["pool_size"])]
-        if spec["cluster_budget"] is not None:
+        if spec["cluster_budget"] is not None and spec["agent"]:
             argv += ["--cluster-budget", str(spec["cluster_budget"]), "--dsn", spec["admin_dsn"], "--cluster-host", spec["host"]]
         return subprocess.Popen(argv, env=env)
 
