@@ -13,7 +13,7 @@ parks the host's permits beyond its share in a ledger slot of its own.
 
 Schema (created by ``sharedpool cluster init`` or the first agent)::
 
-    sharedpool.cluster_pools(pool, role, budget)
+    sharedpool.cluster_pools(pool, role, budget, fenced_unlisted)
     sharedpool.cluster_hosts(pool, host, ceiling, share, held, waiting,
                              wanted, backends int[], fenced, heartbeat)
 """
@@ -63,7 +63,8 @@ AGENT_CONNECT = {  # the agent notices a cut link within seconds, and the server
 SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS sharedpool;
 CREATE TABLE IF NOT EXISTS sharedpool.cluster_pools (
-    pool text PRIMARY KEY, role name NOT NULL UNIQUE, budget integer NOT NULL CHECK (budget > 0));
+    pool text PRIMARY KEY, role name NOT NULL UNIQUE, budget integer NOT NULL CHECK (budget > 0),
+    fenced_unlisted integer NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS sharedpool.cluster_hosts (
     pool text NOT NULL REFERENCES sharedpool.cluster_pools ON DELETE CASCADE,
     host text NOT NULL,
@@ -460,6 +461,9 @@ class Agent:
                     (list(decided.shares), list(decided.shares.values()),
                      [fenced.get(h, 0) for h in decided.shares], self.name),
                 )
+                if fenced.get(""):
+                    cur.execute("UPDATE sharedpool.cluster_pools SET fenced_unlisted = fenced_unlisted + %s "
+                                "WHERE pool = %s", (fenced[""], self.name))
                 if decided.prune:
                     cur.execute("DELETE FROM sharedpool.cluster_hosts WHERE pool = %s AND host = ANY(%s)",
                                 (self.name, list(decided.prune)))
@@ -471,7 +475,7 @@ class Agent:
         return decided.shares[self.host]
 
     def _fence(self, cur: Any, fence: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
-        """Terminate gone hosts' backends; return how many were terminated per host."""
+        """Terminate gone hosts' backends; return how many were terminated per host ('' for unlisted ones)."""
         pids = [pid for group in fence.values() for pid in group]
         if not pids:
             return {}
@@ -489,7 +493,7 @@ class Agent:
         if refused is not None or len(done) < len(pids):
             log.warning("pool %r: could not terminate backends %s (the --dsn role needs membership in %r or in "
                         "pg_signal_backend): %s", self.name, sorted(set(pids) - done), self.role, refused or "")
-        return {host: sum(pid in done for pid in group) for host, group in fence.items() if host}
+        return {host: sum(pid in done for pid in group) for host, group in fence.items()}
 
 
 # -- the command line --------------------------------------------------------------------
@@ -582,18 +586,22 @@ def cluster_status(conn: Any, name: str) -> dict[str, Any]:
     with conn.cursor() as cur:
         rows = read_hosts(cur, name)
         alive = role_backends(cur, role)
+        cur.execute("SELECT fenced_unlisted FROM sharedpool.cluster_pools WHERE pool = %s", (name,))
+        unlisted = cur.fetchone()[0]
     hosts = [
         {"host": r.host, "live": is_live(r, alive), "share": r.share, "ceiling": r.ceiling, "held": r.held,
          "waiting": r.waiting, "wanted": r.wanted, "heartbeat_age_s": round(r.age, 3),
          "backends": sum(1 for p in r.backends if p in alive), "fenced": r.fenced}
         for r in rows
     ]
-    return {"pool": name, "role": role, "budget": budget, "server_backends": len(alive), "hosts": hosts}
+    return {"pool": name, "role": role, "budget": budget, "server_backends": len(alive),
+            "fenced_unlisted": unlisted, "hosts": hosts}
 
 
 def format_status(status: Mapping[str, Any]) -> str:
     lines = [f"pool {status['pool']!r}: CLUSTER_BUDGET {status['budget']} (role {status['role']!r}), "
-             f"{status['server_backends']} backends on the server"]
+             f"{status['server_backends']} backends on the server, {status['fenced_unlisted']} terminated that no "
+             f"host listed"]
     columns = ("host", "live", "share", "ceiling", "held", "waiting", "wanted", "heartbeat_age_s", "backends", "fenced")
     table = [columns] + [tuple(str(h[c]) for c in columns) for h in status["hosts"]]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
@@ -640,12 +648,14 @@ def collector(dsn: str, names: list[str]) -> Any:
             hosts = {key: GaugeMetricFamily(f"sharedpool_cluster_host_{key.removesuffix('_s')}" + ("_seconds" if key.endswith("_s") else ""),
                                             help_text, labels=["pool", "host"]) for key, help_text in per_host.items()}
             fenced = CounterMetricFamily("sharedpool_cluster_host_fenced", "Backends of the host terminated after it was gone", labels=["pool", "host"])
+            unlisted = CounterMetricFamily("sharedpool_cluster_fenced_unlisted", "Backends no live host listed, terminated", labels=["pool"])
             conn = connect(dsn, names[0])
             try:
                 for name in names:
                     status = cluster_status(conn, name)
                     budget.add_metric([name], status["budget"])
                     backends.add_metric([name], status["server_backends"])
+                    unlisted.add_metric([name], status["fenced_unlisted"])
                     for host in status["hosts"]:
                         for key, family in hosts.items():
                             family.add_metric([name, host["host"]], float(host[key]))
@@ -656,5 +666,6 @@ def collector(dsn: str, names: list[str]) -> Any:
             yield backends
             yield from hosts.values()
             yield fenced
+            yield unlisted
 
     return ClusterCollector()
