@@ -19,8 +19,8 @@ import time
 import psycopg2
 import pytest
 
-from coordinator import cluster as agent_side
-from coordinator.cluster import FENCE_AFTER, LEASE, SUSPECT, DemandTracker, HostRow, plan, water_fill
+from sharedpool.coordinator import cluster as agent_side
+from sharedpool.coordinator.cluster import FENCE_AFTER, LEASE, SUSPECT, DemandTracker, HostRow, plan, water_fill
 from helpers_procs import PYTHON, ROOT, sample_server, wait_until
 from hosts import Host, HostServer, Network
 from sharedpool import PoolConfig
