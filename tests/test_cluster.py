@@ -203,6 +203,11 @@ class Run:
     def shares(self) -> dict[str, int]:
         return {h["host"]: h["share"] for h in self.status()["hosts"] if h["live"]}
 
+    def refusals(self) -> int:
+        """Connections the server refused for the role's limit so far (its log: one FATAL line each)."""
+        with open(self.server.cluster.logfile, errors="replace") as f:
+            return f.read().count(f'too many connections for role "{self.role}"')
+
     def from_host(self, n: int) -> int:
         """Backends on the server whose client is host ``n``'s address (by the server's own view)."""
         with self.admin.cursor() as cur:
@@ -257,10 +262,10 @@ def test_steady_overload_coordinator_restart_new_host_and_idle_host(run, record_
     for n in (1, 2, 3):
         run.add_host(n)
     run.wait_all_served((1, 2, 3))
-    started = time.monotonic()
-    window = {n: run.hosts[n].served() for n in (1, 2, 3)}
+    window, refused = {n: run.hosts[n].served() for n in (1, 2, 3)}, run.refusals()
     time.sleep(10)
     served = {n: run.hosts[n].served() - window[n] for n in (1, 2, 3)}
+    refused = run.refusals() - refused
     assert all(served.values()), (served, run.diagnose())
     assert wait_until(lambda: run.shares() == {"h1": 2, "h2": 2, "h3": 2}, 5, 0.05), run.diagnose()
     record_property("served_per_host_10s", served)
@@ -312,7 +317,8 @@ def test_steady_overload_coordinator_restart_new_host_and_idle_host(run, record_
     record_property("new_host_share_s", round(new_host_share_s, 3))
     record_property("share_handoff_s", round(handoff_s, 3))
     record_property("idle_host_share_drained_s", round(drain_s, 2))
-    print(f"\nsteady: served/10 s {served}, peak {figures['peak']}, samples {figures['samples']}, "
+    record_property("server_refusals_10s", refused)
+    print(f"\nsteady: served/10 s {served}, refused by the server {refused}, peak {figures['peak']}, samples {figures['samples']}, "
           f"max gap {figures['max_gap'] * 1000:.1f} ms, late {figures['late']}; new host share "
           f"{share} after {new_host_share_s:.3f} s from its first demand, handed over (its backends on the server) "
           f"{handoff_s:.3f} s later; idle host drained in {drain_s:.2f} s "
@@ -325,13 +331,14 @@ def test_the_cap_holds_without_any_coordinator_sharing(run, record_property):
         run.add_host(n, agent=False)
     assert wait_until(lambda: sum(run.hosts[n].served() for n in (1, 2, 3)), 30, 0.1), run.diagnose()
     time.sleep(2)
-    before = {n: run.hosts[n].served() for n in (1, 2, 3)}
+    before, refused = {n: run.hosts[n].served() for n in (1, 2, 3)}, run.refusals()
     time.sleep(5)
     served = {n: run.hosts[n].served() - before[n] for n in (1, 2, 3)}
+    refused = run.refusals() - refused
     figures = run.finish()
     _assert_cap(run, figures)
     record_property("served_per_host_5s_without_agents", served)
-    print(f"\nwithout agents: served/5 s {served}, peak {figures['peak']}", flush=True)
+    print(f"\nwithout agents: served/5 s {served}, refused by the server {refused}, peak {figures['peak']}", flush=True)
 
 
 def test_sigkill_of_a_whole_host_regrants_only_after_its_backends_are_gone(run, record_property):
@@ -446,7 +453,8 @@ def test_coordinator_refuses_a_cluster_not_set_up_and_stops_promptly_with_its_ag
             assert wait_until(lambda: any(h["host"] for h in agent_side.cluster_status(conn, name)["hosts"]), 10)
         started = time.monotonic()
         assert coord.stop() == 0
-        assert time.monotonic() - started < 5.0, coord.log()  # the parked slot was freed: no 10 s drain
+        # functional, not a latency bound: the parked slot was freed, so the drain did not run to its 10 s end
+        assert time.monotonic() - started < 9.0, coord.log()
 
 
 def test_metrics_list_every_host(world, pool_role):
