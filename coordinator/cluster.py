@@ -615,11 +615,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 2
     conn = connect(args.dsn, args.name)
     try:
-        status = cluster_status(conn, args.name)
+        while True:
+            status = cluster_status(conn, args.name)
+            print(json.dumps(status) if args.json else format_status(status), flush=True)
+            if args.watch is None:
+                return 0
+            time.sleep(args.watch)
+            if not args.json:
+                print()
     finally:
         conn.close()
-    print(json.dumps(status) if args.json else format_status(status), flush=True)
-    return 0
 
 
 def collector(dsn: str, names: list[str]) -> Any:
