@@ -18,7 +18,7 @@ from sharedpool.errors import SharedPoolError
 from sharedpool.ledger import DEFAULT_SLOTS, Ledger, Snapshot
 from sharedpool.names import CONTROL_SOCKET, PoolNames
 
-from . import unit
+from . import cluster, unit
 from .daemon import Coordinator, Options
 from .lifecycle import remove_pool
 from .status import (
@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--exit-when-idle", type=_setting(_SECONDS, "--exit-when-idle"), metavar="SECONDS", help="exit once no worker has been registered for SECONDS")
     run.add_argument("--exit-with", type=_setting(integer(1, 2**22), "--exit-with"), metavar="PID", help="exit (after its workers are gone) when process PID exits")
     run.add_argument("-v", "--verbose", action="store_true", help="also log every worker registration (DEBUG)")
+    cluster.add_coordinator_options(run)
 
     status = sub.add_parser(
         "status",
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--dsn", help="also read pg_stat_activity through this connection string (implies "
                         "--backends): server state of each backend, orphan backends, ledger/server disagreement")
     status.add_argument("--watch", type=_setting(_SECONDS, "--watch"), metavar="SECONDS", help="repeat every SECONDS until interrupted")
+    cluster.add_status_options(status)
     status.add_argument("--rate-window", type=_setting(_SECONDS, "--rate-window"), default=1.0, metavar="SECONDS",
                         help="measure rates (connections opened per second, sheds, waits) over SECONDS before the "
                         "first report; 0: no rates (default: %(default)s)")
@@ -130,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--port", type=_setting(integer(1, 65535), "--port"), default=METRICS_PORT, help="TCP port (default: %(default)s)")
     metrics.add_argument("--addr", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     _group_option(metrics)
+    metrics.add_argument("--cluster-dsn", metavar="DSN", help="also export the hosts sharing each pool's CLUSTER_BUDGET, read from this server")
 
     reload = sub.add_parser(
         "reload", help="change the budget of a running pool",
@@ -142,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     reload.add_argument("--wait", type=_setting(_SECONDS, "--wait"), default=30.0, metavar="SECONDS",
                         help="how long to wait for a cut to converge (default: %(default)s)")
     _group_option(reload)
+
+    cluster.register(sub, _pool_name)
 
     cleanup = sub.add_parser(
         "cleanup", help="remove a pool's directory, ledger and semaphore",
@@ -186,11 +191,19 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             exit_with_pid=args.exit_with,
         )
     )
+    agent = cluster.make_agent(args, lambda: coordinator.running)
     coordinator.start()
-    return coordinator.run()
+    cluster.start_agent(agent, coordinator.ledger)
+    try:
+        return coordinator.run()
+    finally:
+        if agent is not None:
+            agent.stop()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.cluster:
+        return cluster.cmd_status(args)
     follower = Follower(args.group)
     backends = args.backends or args.dsn is not None
     try:
@@ -264,6 +277,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     registry = CollectorRegistry()
     collector = LedgerCollector(args.name, group=args.group)
     registry.register(collector)
+    if args.cluster_dsn:
+        registry.register(cluster.collector(args.cluster_dsn, args.name))
     start_http_server(args.port, addr=args.addr, registry=registry)
     pools = ", ".join(args.name) if args.name else "every pool on this host"
     print(f"serving metrics of {pools} on http://{args.addr}:{args.port}/metrics", file=sys.stderr, flush=True)
@@ -324,4 +339,5 @@ COMMANDS = {
     "cleanup": cmd_cleanup,
     "metrics": cmd_metrics,
     "systemd-unit": unit.cmd_systemd_unit,
+    "cluster": cluster.cmd_cluster,
 }

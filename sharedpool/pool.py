@@ -23,7 +23,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from . import forksafe
+from . import cluster, forksafe
 from .budget import ProcessBudget, close_all, forget_all_after_fork
 from .config import PoolConfig
 from .errors import PoolClosed, PoolTimeout
@@ -192,25 +192,28 @@ class LocalPool:
         account = budget.gate.account
         account.connecting_changed(+1)
         try:
-            left = deadline - now
-            if left <= 0:
-                raise budget.gate.timeout_error(timeout)
-            conn = self._connect(*self._connect_args, **self._connect_kwargs,
-                                 connect_timeout=self._connect_timeout(left))
+
+            def open_() -> Any:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise budget.gate.timeout_error(timeout)
+                return self._connect(*self._connect_args, **self._connect_kwargs,
+                                     connect_timeout=self._connect_timeout(left))
+
+            conn = cluster.connect(open_, self.config, deadline, timeout)
             _set_check_interval(conn, self.config)
         except BaseException as exc:
             account.connecting_changed(-1)
             with budget.lock:
                 self._stats["connections_errors"] += 1
             budget.give_back(None, in_use=True)
-            if isinstance(exc, psycopg2.Error) and time.monotonic() >= deadline:
-                log.warning("sharedpool: pool %r: no connection within TIMEOUT %.1f s: %s",
-                            self.config.name, timeout, str(exc).strip())
-                raise PoolTimeout(
-                    f"pool {self.config.name!r}: could not connect within TIMEOUT ({timeout:.1f} s): {str(exc).strip()}"
-                ) from exc
-            if isinstance(exc, psycopg2.Error):
-                log.warning("sharedpool: pool %r: connect failed: %s", self.config.name, str(exc).strip())
+            if isinstance(exc, psycopg2.Error) and not isinstance(exc, PoolTimeout):
+                reason = str(exc).strip()
+                log.warning("sharedpool: pool %r: connect failed: %s", self.config.name, reason)
+                if time.monotonic() >= deadline:
+                    raise PoolTimeout(
+                        f"pool {self.config.name!r}: could not connect within TIMEOUT ({timeout:.1f} s): {reason}"
+                    ) from exc
             raise
         backend_pid = conn.info.backend_pid
         index = account.backend_opened(backend_pid, _backend_is_local(conn, backend_pid))
