@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--backends", action="store_true",
                         help="list each recorded server connection: backend pid, worker pid, worker state")
     status.add_argument("--dsn", help="also read pg_stat_activity through this connection string (implies "
-                        "--backends): server state of each backend, orphan backends, ledger/server disagreement")
+                        "--backends): server state of each backend, orphan backends, ledger/server disagreement; "
+                        "with --cluster: the server holding the cluster budget")
     status.add_argument("--watch", type=_setting(_SECONDS, "--watch"), metavar="SECONDS", help="repeat every SECONDS until interrupted")
     cluster.add_status_options(status)
     status.add_argument("--rate-window", type=_setting(_SECONDS, "--rate-window"), default=1.0, metavar="SECONDS",

@@ -571,7 +571,6 @@ def register(sub: Any, pool_name: Callable[[str], str]) -> None:
 
 def add_status_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster", action="store_true", help="show the hosts sharing the pool's CLUSTER_BUDGET, read from the server (needs --dsn; --json and --watch apply, --rate-window does not)")
-    parser.add_argument("--dsn", help="with --cluster: libpq connection string of the server")
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:

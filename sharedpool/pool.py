@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import select
+import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -38,7 +39,11 @@ _LOCAL_HOSTS = frozenset(("localhost", "127.0.0.1", "::1"))
 
 
 class _Entry:
-    __slots__ = ("conn", "pool", "created", "last_used", "backend_index", "backend_pid")
+    """One pooled connection. ``sock`` is our own duplicate of its socket, kept for its whole life:
+    whoever closes the connection (we, or the driver on an interrupted query), we can still see
+    the server close its side, and only then is the permit posted."""
+
+    __slots__ = ("conn", "pool", "created", "last_used", "backend_index", "backend_pid", "sock")
 
     def __init__(self, conn: Any, pool: "LocalPool", now: float, backend_index: int, backend_pid: int) -> None:
         self.conn = conn
@@ -47,6 +52,7 @@ class _Entry:
         self.last_used = now
         self.backend_index = backend_index
         self.backend_pid = backend_pid
+        self.sock = os.dup(conn.fileno())
 
 
 class LocalPool:
@@ -308,7 +314,7 @@ class LocalPool:
         If the server has not confirmed the backend's exit within CLOSE_WAIT,
         the permit stays taken and the budget gives it back once it has.
         """
-        unconfirmed = close_synchronously(entry.conn)
+        unconfirmed = close_synchronously(entry.conn, entry.sock)
         if unconfirmed is None:
             self.budget.give_back(entry, in_use=checked_out)
         else:
@@ -328,6 +334,7 @@ class LocalPool:
     def forget_after_fork(self) -> None:
         for entry in [*self._idle, *self._out.values()]:
             drop_without_io(entry.conn)
+            os.close(entry.sock)  # our duplicate: closing it sends nothing
         self._idle = []
         self._out = {}
         self._stats = dict.fromkeys(STAT_KEYS, 0)
@@ -364,31 +371,45 @@ STAT_KEYS = (
 )
 
 
-def close_synchronously(conn: Any) -> int | None:
+def close_synchronously(conn: Any, sock: int | None = None) -> int | None:
     """Close and wait until the server side is gone, so its permit is really free.
 
     PostgreSQL keeps a backend's socket open until the process has exited
-    (pqcomm.c, "synchronous close"), so EOF on a duplicate of our socket means
-    the backend no longer counts against max_connections. A query still
-    running is cancelled first: a busy backend reads our Terminate only when
-    it finishes. Returns None once confirmed (or when there was nothing to
-    wait for), else the duplicate descriptor, still open, to watch until EOF.
+    (pqcomm.c, "synchronous close"), so EOF on our duplicate of the socket
+    (``sock``, taken at connect; else taken now) means the backend no longer
+    counts against max_connections. A query still running is cancelled
+    first: a busy backend reads our Terminate only when it finishes. Our
+    side is shut for writing after the close, so the server sees EOF even
+    where the driver closed without a Terminate. Returns None once confirmed
+    (``sock`` closed), else ``sock``, still open, to watch until EOF.
     """
-    try:
-        fd = os.dup(conn.fileno())
-    except (psycopg2.Error, OSError, ValueError):
-        fd = -1
+    if sock is None:
+        try:
+            sock = os.dup(conn.fileno())
+        except (psycopg2.Error, OSError, ValueError):
+            with contextlib.suppress(psycopg2.Error):
+                conn.close()
+            return None
     with contextlib.suppress(psycopg2.Error, OSError):
-        if fd >= 0 and conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_ACTIVE:
+        if not conn.closed and conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_ACTIVE:
             conn.cancel()
     with contextlib.suppress(psycopg2.Error):
         conn.close()
-    if fd < 0:
+    with contextlib.suppress(OSError):
+        _shut_write(sock)
+    if wait_for_eof(sock, CLOSE_WAIT):
+        os.close(sock)
         return None
-    if wait_for_eof(fd, CLOSE_WAIT):
-        os.close(fd)
-        return None
-    return fd
+    return sock
+
+
+def _shut_write(fd: int) -> None:
+    """shutdown(SHUT_WR) on a raw descriptor (a socket object would own and close it)."""
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        probe.shutdown(socket.SHUT_WR)
+    finally:
+        probe.close()
 
 
 def wait_for_eof(fd: int, timeout: float) -> bool:

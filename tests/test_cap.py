@@ -95,3 +95,48 @@ def test_timeout_bounds_a_checkout_against_a_frozen_server(pg, dsn, unique_name)
             pool.budget.close()
         print(f"\nfrozen server: PoolTimeout after {elapsed:.2f} s (TIMEOUT 2.0 s)")
         assert elapsed < 2.0 + 1.5
+
+
+GEVENT_TIMEOUT_MID_QUERY = """
+from gevent import monkey
+monkey.patch_all()
+import json, sys, time
+import gevent
+from sharedpool import LocalPool, PoolConfig
+from sharedpool.integrations.servers import make_psycopg2_green
+
+make_psycopg2_green()
+name, dsn = sys.argv[1], sys.argv[2]
+pool = LocalPool(PoolConfig(name=name, pool_size=1, check_interval=None, reclaim_grace=0.5, timeout=20,
+                            autostart=False), dsn)
+started = time.monotonic()
+try:
+    with gevent.Timeout(0.3):
+        with pool.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_sleep(2)")
+except gevent.Timeout:
+    pass
+returned = time.monotonic() - started
+with pool.connection() as conn, conn.cursor() as cur:  # the next checkout needs the one permit
+    cur.execute("SELECT 1")
+print(json.dumps({"returned_s": returned, "next_s": time.monotonic() - started}), flush=True)
+pool.budget.close()
+"""
+
+
+def test_gevent_timeout_mid_query_posts_no_permit_while_the_backend_runs(dsn, unique_name):
+    """CHECK_INTERVAL None, budget 1: a greenlet timed out in the middle of pg_sleep(2) closes its connection;
+    the permit is posted only once the backend is gone (the query is cancelled first), so the server never
+    sees two."""
+    pytest.importorskip("gevent")
+    import json
+    import sys
+
+    with coordinator(unique_name, 1), PeakSampler(dsn, unique_name, interval=0.005) as sampler:
+        out = subprocess.run([sys.executable, "-c", GEVENT_TIMEOUT_MID_QUERY, unique_name, dsn],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+    print(f"\ngevent timeout mid-query: back after {result['returned_s']:.2f} s, next checkout done after "
+          f"{result['next_s']:.2f} s, server peak {sampler.peak}")
+    assert sampler.peak == 1 and len(sampler.seen) == 2  # two backends one after the other, never together
