@@ -8,6 +8,7 @@ between two tries holds nothing, so the coordinator's count can be exact.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -18,6 +19,8 @@ import posix_ipc
 from .account import SlotAccount
 from .errors import PoolTimeout
 from .ledger import Ledger
+
+log = logging.getLogger("sharedpool")
 
 WAIT_SLICE = 0.5  # seconds per blocking wait: a hold takes effect within one slice
 POLL_FIRST, POLL_MAX = 0.001, 0.05  # seconds between tries when polling, doubling up to the maximum
@@ -122,10 +125,12 @@ class PermitGate:
     def timeout_error(self, timeout: float) -> PoolTimeout:
         snap = self.ledger.snapshot()
         holders = [s for s in snap.slots if s.held]
-        return PoolTimeout(
+        message = (
             f"pool {self.name!r}: no permit after {timeout:.1f} s (budget {snap.budget}, "
             f"held by {len(holders)} workers: {snap.holders_text()}; {snap.waiting} waiting)"
         )
+        log.info("sharedpool: %s", message)
+        return PoolTimeout(message)
 
 
 def _must_poll() -> bool:
