@@ -185,7 +185,7 @@ def host_main(spec: dict) -> None:
         return subprocess.Popen(argv, env=env)
 
     coord = coordinator()
-    from sharedpool.ledger import coordinator_ready
+    from sharedpool.embedded import coordinator_ready
 
     deadline = time.monotonic() + 20
     while not coordinator_ready(spec["name"]):
