@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 from sharedpool import channel
@@ -19,6 +18,7 @@ from sharedpool.ledger import DEFAULT_SLOTS, Ledger, Snapshot
 from sharedpool.names import CONTROL_SOCKET, PoolNames
 
 from . import cluster, unit
+from .arguments import setting_type
 from .daemon import Coordinator, Options
 from .lifecycle import remove_pool
 from .status import (
@@ -42,23 +42,11 @@ def _pool_name(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc).replace("NAME", "--name")) from None
 
 
-def _setting(convert: Callable[[str, Any], Any], option: str) -> Callable[[str], Any]:
-    """Turn a config validator into an argparse type for ``option``."""
-
-    def parse(value: str) -> Any:
-        try:
-            return convert(option, value)
-        except SharedPoolError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
-
-
 _SECONDS = seconds(0.0, optional=False)
 _RECLAIM_GRACE = PoolConfig.__dataclass_fields__["reclaim_grace"].default
 
 def _group_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--group", type=_setting(SETTINGS["GROUP"][0], "--group"),
+    parser.add_argument("--group", type=setting_type(SETTINGS["GROUP"][0], "--group"),
                         default=os.environ.get(f"{ENV_PREFIX}GROUP") or None,
                         help=f"OS group sharing the pool (default: ${ENV_PREFIX}GROUP, else none)")
 
@@ -86,16 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
         "workers, audit drift, and keep a heartbeat. SIGTERM/SIGINT stop it; SIGHUP reconciles.",
     )
     run.add_argument("--name", type=_pool_name, default="default", help="pool name (default: %(default)s)")
-    run.add_argument("--budget", type=_setting(SETTINGS["POOL_SIZE"][0], "--budget"), required=True, help="server connections allowed for all workers of the pool on this host")
-    run.add_argument("--slots", type=_setting(integer(1, 65536), "--slots"), default=DEFAULT_SLOTS, help="worker processes the ledger can hold (default: %(default)s)")
-    run.add_argument("--group", type=_setting(SETTINGS["GROUP"][0], "--group"),
+    run.add_argument("--budget", type=setting_type(SETTINGS["POOL_SIZE"][0], "--budget"), required=True, help="server connections allowed for all workers of the pool on this host")
+    run.add_argument("--slots", type=setting_type(integer(1, 65536), "--slots"), default=DEFAULT_SLOTS, help="worker processes the ledger can hold (default: %(default)s)")
+    run.add_argument("--group", type=setting_type(SETTINGS["GROUP"][0], "--group"),
                      default=os.environ.get(f"{ENV_PREFIX}GROUP") or None,
                      help=f"OS group sharing the pool: objects get mode 0660 and the directory 2770 instead of "
                      f"0600/0700 (default: ${ENV_PREFIX}GROUP, else none)")
-    run.add_argument("--reclaim-grace", type=_setting(SETTINGS["RECLAIM_GRACE"][0], "--reclaim-grace"), default=_RECLAIM_GRACE, help="seconds to wait before returning a dead worker's permits when its backends cannot be seen on this host (default: %(default)s)")
+    run.add_argument("--reclaim-grace", type=setting_type(SETTINGS["RECLAIM_GRACE"][0], "--reclaim-grace"), default=_RECLAIM_GRACE, help="seconds to wait before returning a dead worker's permits when its backends cannot be seen on this host (default: %(default)s)")
     run.add_argument("--remove-on-exit", action="store_true", help="remove the ledger and semaphore when stopping (default: leave them for running workers)")
-    run.add_argument("--exit-when-idle", type=_setting(_SECONDS, "--exit-when-idle"), metavar="SECONDS", help="exit once no worker has been registered for SECONDS")
-    run.add_argument("--exit-with", type=_setting(integer(1, 2**22), "--exit-with"), metavar="PID", help="exit (after its workers are gone) when process PID exits")
+    run.add_argument("--exit-when-idle", type=setting_type(_SECONDS, "--exit-when-idle"), metavar="SECONDS", help="exit once no worker has been registered for SECONDS")
+    run.add_argument("--exit-with", type=setting_type(integer(1, 2**22), "--exit-with"), metavar="PID", help="exit (after its workers are gone) when process PID exits")
     run.add_argument("-v", "--verbose", action="store_true", help="also log every worker registration (DEBUG)")
     cluster.add_coordinator_options(run)
 
@@ -115,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--dsn", help="also read pg_stat_activity through this connection string (implies "
                         "--backends): server state of each backend, orphan backends, ledger/server disagreement; "
                         "with --cluster: the server holding the cluster budget")
-    status.add_argument("--watch", type=_setting(_SECONDS, "--watch"), metavar="SECONDS", help="repeat every SECONDS until interrupted")
+    status.add_argument("--watch", type=setting_type(_SECONDS, "--watch"), metavar="SECONDS", help="repeat every SECONDS until interrupted")
     cluster.add_status_options(status)
-    status.add_argument("--rate-window", type=_setting(_SECONDS, "--rate-window"), default=1.0, metavar="SECONDS",
+    status.add_argument("--rate-window", type=setting_type(_SECONDS, "--rate-window"), default=1.0, metavar="SECONDS",
                         help="measure rates (connections opened per second, sheds, waits) over SECONDS before the "
                         "first report; 0: no rates (default: %(default)s)")
 
@@ -130,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     metrics.add_argument("--name", type=_pool_name, action="append",
                          help="pool name (repeat for several; default: every pool on the host at each scrape)")
-    metrics.add_argument("--port", type=_setting(integer(1, 65535), "--port"), default=METRICS_PORT, help="TCP port (default: %(default)s)")
+    metrics.add_argument("--port", type=setting_type(integer(1, 65535), "--port"), default=METRICS_PORT, help="TCP port (default: %(default)s)")
     metrics.add_argument("--addr", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     _group_option(metrics)
     metrics.add_argument("--cluster-dsn", metavar="DSN", help="also export the hosts sharing each pool's CLUSTER_BUDGET, read from this server")
@@ -142,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         "command waits until the pool is within the new budget and says who still holds if it is not.",
     )
     reload.add_argument("--name", type=_pool_name, default="default", help="pool name (default: %(default)s)")
-    reload.add_argument("--budget", type=_setting(SETTINGS["POOL_SIZE"][0], "--budget"), required=True, help="the new budget")
-    reload.add_argument("--wait", type=_setting(_SECONDS, "--wait"), default=30.0, metavar="SECONDS",
+    reload.add_argument("--budget", type=setting_type(SETTINGS["POOL_SIZE"][0], "--budget"), required=True, help="the new budget")
+    reload.add_argument("--wait", type=setting_type(_SECONDS, "--wait"), default=30.0, metavar="SECONDS",
                         help="how long to wait for a cut to converge (default: %(default)s)")
     _group_option(reload)
 

@@ -38,12 +38,13 @@ import psycopg2
 import psycopg2.errors
 
 from sharedpool import channel
-from sharedpool.config import SETTINGS
 from sharedpool.errors import ConfigError, SharedPoolError
 from sharedpool.ledger import Ledger
 from sharedpool.names import PoolNames
 from sharedpool.permits import PermitGate
 from sharedpool.pressure import SHED, request_shed
+
+from .arguments import setting_type
 
 log = logging.getLogger("sharedpool.cluster")
 
@@ -504,7 +505,7 @@ class Agent:
 
 
 def add_coordinator_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cluster-budget", type=_budget, metavar="N",
+    parser.add_argument("--cluster-budget", type=setting_type("CLUSTER_BUDGET", "--cluster-budget"), metavar="N",
                         help="share CLUSTER_BUDGET N with the other hosts of this pool NAME (needs --dsn and "
                         "`sharedpool cluster init`); this host's --budget stays its ceiling")
     parser.add_argument("--dsn", help="libpq connection string of the cluster store, the protected server itself, "
@@ -546,13 +547,6 @@ def _chained(first: Callable[[], object], then: Callable[[int, Any], object]) ->
     return handler
 
 
-def _budget(value: str) -> int:
-    try:
-        return SETTINGS["CLUSTER_BUDGET"][0]("--cluster-budget", value)
-    except SharedPoolError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def register(sub: Any, pool_name: Callable[[str], str]) -> None:
     """Add ``sharedpool cluster init``."""
     cluster = sub.add_parser("cluster", help="set up the cluster budget on the PostgreSQL server")
@@ -564,7 +558,7 @@ def register(sub: Any, pool_name: Callable[[str], str]) -> None:
         "OPTION on ROLE) and CREATE on the database the first time.",
     )
     init_.add_argument("--name", type=pool_name, default="default", help="pool name (default: %(default)s)")
-    init_.add_argument("--budget", type=_budget, required=True, help="CLUSTER_BUDGET: server connections of all hosts together")
+    init_.add_argument("--budget", type=setting_type("CLUSTER_BUDGET", "--budget"), required=True, help="CLUSTER_BUDGET: server connections of all hosts together")
     init_.add_argument("--role", required=True, help="the role the pool's workers connect as, used by this pool only, not a superuser")
     init_.add_argument("--dsn", required=True, help="libpq connection string of the server, as an administrator")
 

@@ -11,6 +11,8 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import posix_ipc
 
@@ -34,6 +36,8 @@ from sharedpool.names import (
 )
 
 log = logging.getLogger("sharedpool.coordinator")
+
+T = TypeVar("T")
 
 LOCK_PATIENCE = 10.0  # seconds a coordinator that lost the lock waits for the winner to be ready
 
@@ -101,26 +105,24 @@ def _still_named(path: str, fd: int) -> bool:
         return False
 
 
-def _ready(names: PoolNames, group: str | None) -> bool:
+def _read(names: PoolNames, group: str | None, read: Callable[[Ledger], T], unreadable: T) -> T:
+    """Read something from the pool's ledger, or ``unreadable`` when it cannot be attached."""
     try:
         ledger = Ledger.attach(names.name, group=group, mapped=False)
     except LedgerError:
-        return False
+        return unreadable
     try:
-        return ledger.coordinator_alive() and bool(ledger.header.coordinator_pid)
+        return read(ledger)
     finally:
         ledger.close()
+
+
+def _ready(names: PoolNames, group: str | None) -> bool:
+    return _read(names, group, lambda ledger: ledger.coordinator_alive() and bool(ledger.header.coordinator_pid), False)
 
 
 def _holder(names: PoolNames, group: str | None) -> str:
-    try:
-        ledger = Ledger.attach(names.name, group=group, mapped=False)
-    except LedgerError:
-        return ""
-    try:
-        pid = ledger.header.coordinator_pid
-    finally:
-        ledger.close()
+    pid = _read(names, group, lambda ledger: ledger.header.coordinator_pid, 0)
     return f" (pid {pid})" if pid else ""
 
 
@@ -246,13 +248,8 @@ def _token(names: PoolNames, dir_fd: int) -> int:
 
 
 def _live_workers(names: PoolNames, group: str | None) -> str:
-    try:
-        ledger = Ledger.attach(names.name, group=group, mapped=False)
-    except LedgerError:
+    pids = _read(names, group, lambda ledger: [s.pid for s in ledger.snapshot().slots if s.alive], None)
+    if pids is None:
         return "pids unknown: the ledger is unreadable"
-    try:
-        pids = [s.pid for s in ledger.snapshot().slots if s.alive]
-    finally:
-        ledger.close()
     return "pids " + ", ".join(map(str, pids[:8])) + (" ..." if len(pids) > 8 else "")
 

@@ -15,10 +15,8 @@ import shlex
 import sys
 from collections.abc import Callable
 from importlib import resources
-from typing import Any
 
-from sharedpool.config import SETTINGS
-from sharedpool.errors import ConfigError
+from .arguments import setting_type
 
 TEMPLATE = "sharedpool-coordinator@.service"
 TEMPLATE_COMMAND = "/usr/local/bin/sharedpool"
@@ -39,8 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "/etc/systemd/system/sharedpool-coordinator@NAME.service. /etc/sharedpool/NAME.env, when present, "
         "still overrides the budget (SHAREDPOOL_POOL_SIZE) for `systemctl reload`.",
     )
-    parser.add_argument("--name", type=_checked("NAME", "--name"), required=True, help="pool name")
-    parser.add_argument("--budget", type=_checked("POOL_SIZE", "--budget"), required=True,
+    parser.add_argument("--name", type=setting_type("NAME", "--name"), required=True, help="pool name")
+    parser.add_argument("--budget", type=setting_type("POOL_SIZE", "--budget"), required=True,
                         help="server connections allowed for all workers of the pool on this host")
     parser.add_argument("--user", type=_account("--user"), default="www-data",
                         help="user the coordinator runs as: the app workers' user (default: %(default)s)")
@@ -112,18 +110,6 @@ def _under(paths: list[str], trees: tuple[str, ...]) -> str | None:
             if path == tree or path.startswith(tree + "/"):
                 return tree
     return None
-
-
-def _checked(key: str, option: str) -> Callable[[str], Any]:
-    convert = SETTINGS[key][0]
-
-    def parse(value: str) -> Any:
-        try:
-            return convert(option, value)
-        except ConfigError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
 
 
 def _account(option: str) -> Callable[[str], str]:

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -193,7 +192,7 @@ def test_reload_raises_at_once_and_a_cut_converges(unique_name):
                 assert wait_until(lambda: ledger.header.physical == 2, 2.0), "retirement of returned permits"
                 assert ledger.sem.value == 0 and waiter.proc.poll() is None
                 out, err = reload.communicate(timeout=10)
-                assert reload.returncode == 0 and f"budget 2 (within it after" in out, err
+                assert reload.returncode == 0 and "budget 2 (within it after" in out, err
                 holder.do("release 1")
                 assert read_line(waiter.proc, 5.0).startswith("ok")  # now the waiter is served
                 assert ledger.header.physical == 2 and ledger.header.reloads == 2

@@ -11,7 +11,6 @@ import statistics
 import subprocess
 import time
 
-import posix_ipc
 import pytest
 
 from sharedpool import channel

@@ -91,7 +91,7 @@ def test_steady_load_that_fits_does_not_churn(dsn, unique_name):
         baseline_seconds = 3
         baseline = [spawn("loop", unique_name, budget, dsn, baseline_seconds, period, "discard") for _ in range(4)]
         start = base_sampler.server_now()
-        base = run_together(baseline, 30)
+        run_together(baseline, 30)
         stop(*baseline)
         base_rate = base_sampler.started_since(start) / baseline_seconds
     requests = sum(r["done"] for r in results)
