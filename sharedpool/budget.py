@@ -14,16 +14,27 @@ import os
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from .closing import wait_for_eof
 from .config import PoolConfig
 from .embedded import attach_or_start
 from .errors import ConfigError, PoolClosed, PoolUnavailable
 from .permits import PermitGate
 from .pressure import ShedListener, others_waiting, request_shed
 
-if TYPE_CHECKING:
-    from .pool import LocalPool, _Entry
+
+
+class Target(Protocol):
+    """What the budget needs of a LocalPool (one connection target): its idle entries and how to close one."""
+
+    _idle: list[Any]
+
+    def _close_entry(self, entry: Any, *, checked_out: bool = False) -> None: ...
+
+    def forget_after_fork(self) -> None: ...
+
+    def close(self) -> None: ...
 
 log = logging.getLogger("sharedpool")
 
@@ -59,7 +70,7 @@ class ProcessBudget:
         self.max_open = config.max_per_process
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
-        self.pools: "weakref.WeakSet[LocalPool]" = weakref.WeakSet()  # add and iterate under self.lock
+        self.pools: "weakref.WeakSet[Target]" = weakref.WeakSet()  # add and iterate under self.lock
         self.closed = False
         self._reset_process_state()
 
@@ -76,7 +87,7 @@ class ProcessBudget:
         self.shed_pending = 0
         self.shed_pending_until = 0.0
         self.handed_over_at = 0.0
-        self.lingering: list[tuple[int, "_Entry", bool]] = []  # closed, backend not yet gone: (fd, entry, in use)
+        self.lingering: list[tuple[int, Any, bool]] = []  # closed, backend not yet gone: (fd, entry, in use)
         self._replaced_logged = False
 
     # -- process lifecycle ---------------------------------------------------------
@@ -192,7 +203,7 @@ class ProcessBudget:
     def on_pressure(self) -> None:
         request_shed(self.ledger, self.gate.slot_index)
 
-    def take_permit(self, deadline: float, timeout: float, pool: "LocalPool") -> bool:
+    def take_permit(self, deadline: float, timeout: float, pool: Target) -> bool:
         """Take one permit for a connection about to open (self.open already counted it).
 
         Returns False, holding no permit, when a connection of ``pool`` came
@@ -232,7 +243,7 @@ class ProcessBudget:
         while sem.value > 0 and others_waiting(self.ledger, own) and time.monotonic() < deadline:
             time.sleep(0.001)
 
-    def give_back(self, entry: "_Entry | None", *, in_use: bool = False) -> None:
+    def give_back(self, entry: Any, *, in_use: bool = False) -> None:
         """Post the permit of a closed (or never opened) connection, then uncount it.
 
         Posting first means a concurrent close() cannot see this connection gone
@@ -244,7 +255,7 @@ class ProcessBudget:
         gate.release()
         self.unreserve(in_use=in_use)
 
-    def linger(self, fd: int, entry: "_Entry", in_use: bool) -> None:
+    def linger(self, fd: int, entry: Any, in_use: bool) -> None:
         """Keep a closed connection's permit until its backend is gone (the server has not confirmed yet)."""
         with self.lock:
             self.lingering.append((fd, entry, in_use))
@@ -252,8 +263,6 @@ class ProcessBudget:
                     self.name, entry.backend_pid)
 
     def _settle_lingering(self, wait: bool = False) -> None:
-        from .pool import wait_for_eof
-
         with self.lock:
             pending, self.lingering = self.lingering, []
         still = []
@@ -280,7 +289,7 @@ class ProcessBudget:
         if last:
             self._deregister()
 
-    def should_hand_over(self, entry: "_Entry") -> bool:
+    def should_hand_over(self, entry: Any) -> bool:
         """Tell whether a returned connection should be closed: a cut, or a waiter elsewhere (under self.lock)."""
         if self.ledger.header.retire_debt:
             return True
@@ -339,7 +348,7 @@ class ProcessBudget:
                   "a budget cut" if cutting else "a waiting worker")
         entry.pool._close_entry(entry)
 
-    def pop_lru_idle(self, exclude: "LocalPool | None" = None, settled_by: float | None = None) -> "_Entry | None":
+    def pop_lru_idle(self, exclude: Target | None = None, settled_by: float | None = None) -> Any:
         """Pop the least recently used idle connection (under self.lock).
 
         With ``settled_by`` (now), only one that served its minimum stint or has

@@ -15,8 +15,6 @@ import contextlib
 import logging
 import math
 import os
-import select
-import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -26,12 +24,12 @@ import psycopg2.extensions
 
 from . import cluster, forksafe
 from .budget import ProcessBudget, close_all, forget_all_after_fork
+from .closing import close_synchronously, drop_without_io
 from .config import PoolConfig
 from .errors import PoolClosed, PoolTimeout
 
 log = logging.getLogger("sharedpool")
 
-CLOSE_WAIT = 2.0  # seconds to wait for the server to confirm a closed backend has exited
 MIN_CONNECT_TIMEOUT = 2  # libpq rounds any connect_timeout below 2 s up to 2 s
 _IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _RESETTABLE = (psycopg2.extensions.TRANSACTION_STATUS_INTRANS, psycopg2.extensions.TRANSACTION_STATUS_INERROR)
@@ -311,7 +309,7 @@ class LocalPool:
     def _close_entry(self, entry: _Entry, *, checked_out: bool = False) -> None:
         """Close synchronously, then give the permit back (never the other way round).
 
-        If the server has not confirmed the backend's exit within CLOSE_WAIT,
+        If the server has not confirmed the backend's exit within closing.CLOSE_WAIT,
         the permit stays taken and the budget gives it back once it has.
         """
         unconfirmed = close_synchronously(entry.conn, entry.sock)
@@ -371,82 +369,6 @@ STAT_KEYS = (
 )
 
 
-def close_synchronously(conn: Any, sock: int | None = None) -> int | None:
-    """Close and wait until the server side is gone, so its permit is really free.
-
-    PostgreSQL keeps a backend's socket open until the process has exited
-    (pqcomm.c, "synchronous close"), so EOF on our duplicate of the socket
-    (``sock``, taken at connect; else taken now) means the backend no longer
-    counts against max_connections. A query still running is cancelled
-    first: a busy backend reads our Terminate only when it finishes. Our
-    side is shut for writing after the close, so the server sees EOF even
-    where the driver closed without a Terminate. Returns None once confirmed
-    (``sock`` closed), else ``sock``, still open, to watch until EOF.
-    """
-    if sock is None:
-        try:
-            sock = os.dup(conn.fileno())
-        except (psycopg2.Error, OSError, ValueError):
-            with contextlib.suppress(psycopg2.Error):
-                conn.close()
-            return None
-    with contextlib.suppress(psycopg2.Error, OSError):
-        if not conn.closed and conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_ACTIVE:
-            conn.cancel()
-    with contextlib.suppress(psycopg2.Error):
-        conn.close()
-    with contextlib.suppress(OSError):
-        _shut_write(sock)
-    if wait_for_eof(sock, CLOSE_WAIT):
-        os.close(sock)
-        return None
-    return sock
-
-
-def _shut_write(fd: int) -> None:
-    """shutdown(SHUT_WR) on a raw descriptor (a socket object would own and close it)."""
-    probe = socket.socket(fileno=os.dup(fd))
-    try:
-        probe.shutdown(socket.SHUT_WR)
-    finally:
-        probe.close()
-
-
-def wait_for_eof(fd: int, timeout: float) -> bool:
-    """Read until EOF (the server closed its side) or ``timeout``; tell whether EOF came."""
-    try:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-        deadline = time.monotonic() + timeout
-        # unread messages (NOTIFY, ParameterStatus) also wake poll: read until EOF
-        while True:
-            if poller.poll(max(deadline - time.monotonic(), 0.0) * 1000):
-                if not os.read(fd, 65536):
-                    return True
-            elif time.monotonic() >= deadline:
-                return False
-    except OSError:
-        return True  # reset by the server: it is gone
-
-
-def drop_without_io(conn: Any) -> None:
-    """Forget an inherited connection without a byte reaching its server.
-
-    Closing a psycopg2 connection sends Terminate, which would end the parent's
-    session; pointing our copy of the descriptor at /dev/null first makes the
-    close harmless to the parent.
-    """
-    if conn.closed:
-        return
-    devnull = os.open(os.devnull, os.O_RDWR)
-    try:
-        os.dup2(devnull, conn.fileno())
-    finally:
-        os.close(devnull)
-    with contextlib.suppress(psycopg2.Error):
-        conn.close()
-
-
 def _with_server_options(config: PoolConfig, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Tag connections with the pool name unless the DSN, the kwargs or PGAPPNAME name the application.
 
@@ -492,7 +414,7 @@ def _backend_is_local(conn: Any, backend_pid: int) -> bool:
         return False
 
 
-__all__ = ["LocalPool", "ProcessBudget", "close_all", "close_synchronously", "drop_without_io"]
+__all__ = ["LocalPool", "ProcessBudget", "close_all"]
 
 forksafe.register(forget_all_after_fork)
 atexit.register(close_all)

@@ -324,7 +324,7 @@ def torture_gate_worker(name: str, budget: int, dsn: str) -> None:
     import psycopg2
 
     from sharedpool.permits import PermitGate
-    from sharedpool.pool import close_synchronously
+    from sharedpool.closing import close_synchronously
 
     _lower_priority()
     gate = PermitGate(Ledger.attach(name))

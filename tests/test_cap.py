@@ -139,4 +139,5 @@ def test_gevent_timeout_mid_query_posts_no_permit_while_the_backend_runs(dsn, un
         result = json.loads(out.stdout)
     print(f"\ngevent timeout mid-query: back after {result['returned_s']:.2f} s, next checkout done after "
           f"{result['next_s']:.2f} s, server peak {sampler.peak}")
-    assert sampler.peak == 1 and len(sampler.seen) == 2  # two backends one after the other, never together
+    assert sampler.peak == 1  # never the old backend and the new one together
+    assert result["next_s"] > 1.5  # the permit came back only when pg_sleep(2) had ended, not at the timeout

@@ -276,7 +276,7 @@ def test_a_closed_pool_refuses_checkouts(make_pool):
 
 
 def test_synchronous_close_waits_for_the_backend_even_with_unread_notifications(dsn):
-    from sharedpool.pool import close_synchronously
+    from sharedpool.closing import close_synchronously
 
     listener = psycopg2.connect(dsn)
     listener.autocommit = True
