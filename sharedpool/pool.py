@@ -20,10 +20,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import psycopg2
-import psycopg2.extensions
-
-from . import forksafe
+from . import drivers, forksafe
 from .config import PoolConfig
 from .embedded import attach_or_start
 from .errors import ConfigError, PoolClosed, PoolTimeout, PoolUnavailable
@@ -39,8 +36,7 @@ MIN_STINT = 0.2  # seconds a busy connection is kept before a shed request may c
 IDLE_SETTLED = 0.02  # seconds idle after which a connection is not merely between two requests
 LOCAL_RETURN_CHECK = 0.02  # seconds between looks for a connection returned by another thread while waiting
 HANDOVER_YIELD = 0.03  # seconds at most a process that just handed a permit over lets the waiter take it
-_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
-_RESETTABLE = (psycopg2.extensions.TRANSACTION_STATUS_INTRANS, psycopg2.extensions.TRANSACTION_STATUS_INERROR)
+_RESETTABLE = (drivers.INTRANS, drivers.INERROR)
 _LOCAL_HOSTS = frozenset(("localhost", "127.0.0.1", "::1"))
 
 
@@ -359,10 +355,12 @@ class ProcessBudget:
 
 
 class LocalPool:
-    """Thread-safe pool of psycopg2 connections to one target, inside one process.
+    """Thread-safe pool of connections to one target, inside one process.
 
     Runs in the worker. Connections come back with ``putconn`` (rolled back, or
-    discarded if broken); the pool may be used before and after fork.
+    discarded if broken); the pool may be used before and after fork. DRIVER
+    picks psycopg 3 or psycopg2; ``connect`` replaces that driver's connect
+    function (it must return that driver's connections).
     """
 
     def __init__(
@@ -370,13 +368,15 @@ class LocalPool:
         config: PoolConfig,
         dsn: str | None = None,
         *,
-        connect: Callable[..., Any] = psycopg2.connect,
+        connect: Callable[..., Any] | None = None,
         **connect_kwargs: Any,
     ) -> None:
         self.config = config
+        self.driver = drivers.get(config.driver)
         self.budget = ProcessBudget.for_config(config)
         self.budget.pools.add(self)
-        self._connect = connect
+        self._connect = connect or self.driver.connect
+        self._status = self.driver.transaction_status
         self._connect_args = (dsn,) if dsn is not None else ()
         self._connect_kwargs = _with_server_options(config, connect_kwargs)
         # None means never: infinity keeps the warm checkout path to plain comparisons
@@ -536,7 +536,7 @@ class LocalPool:
                     cur.execute("SELECT 1")
                 if not conn.autocommit:
                     conn.rollback()
-            except psycopg2.Error:
+            except self.driver.Error:
                 return "lost"
         return None
 
@@ -552,13 +552,13 @@ class LocalPool:
             discard = True
         else:
             try:
-                status = conn.get_transaction_status()
-                if status != _IDLE:
+                status = self._status(conn)
+                if status != drivers.IDLE:
                     if status in _RESETTABLE:
                         conn.rollback()
                     else:
                         bad = True  # a query still running, or a lost connection
-            except psycopg2.Error:
+            except self.driver.Error:
                 bad = True
             except BaseException:  # e.g. gevent.Timeout during the rollback: don't strand the permit
                 self._close_entry(entry, checked_out=True)
@@ -586,7 +586,7 @@ class LocalPool:
             yield conn
         except BaseException:
             if not conn.closed:
-                with contextlib.suppress(psycopg2.Error):
+                with contextlib.suppress(self.driver.Error):
                     conn.rollback()
             raise
         finally:
@@ -596,7 +596,7 @@ class LocalPool:
 
     def _close_entry(self, entry: _Entry, *, checked_out: bool = False) -> None:
         """Close synchronously, then give the permit back (never the other way round)."""
-        close_synchronously(entry.conn)
+        close_synchronously(entry.conn, self.driver.Error)
         self.budget.give_back(entry, in_use=checked_out)
 
     def close(self) -> None:
@@ -611,7 +611,7 @@ class LocalPool:
 
     def forget_after_fork(self) -> None:
         for entry in [*self._idle, *self._out.values()]:
-            drop_without_io(entry.conn)
+            drop_without_io(entry.conn, self.driver.Error)
         self._idle = []
         self._out = {}
         self._stats = dict.fromkeys(STAT_KEYS, 0)
@@ -648,18 +648,19 @@ STAT_KEYS = (
 )
 
 
-def close_synchronously(conn: Any) -> None:
+def close_synchronously(conn: Any, driver_error: type[Exception] = OSError) -> None:
     """Close and wait until the server side is gone, so its permit is really free.
 
     PostgreSQL keeps a backend's socket open until the process has exited
     (pqcomm.c, "synchronous close"), so EOF on a duplicate of our socket means
-    the backend no longer counts against max_connections.
+    the backend no longer counts against max_connections. ``driver_error`` is
+    the Error class of the connection's driver (a lost connection has no socket).
     """
     try:
         fd = os.dup(conn.fileno())
-    except (psycopg2.Error, OSError, ValueError):
+    except (driver_error, OSError, ValueError):
         fd = -1
-    with contextlib.suppress(psycopg2.Error):
+    with contextlib.suppress(driver_error):
         conn.close()
     if fd < 0:
         return
@@ -677,12 +678,12 @@ def close_synchronously(conn: Any) -> None:
         os.close(fd)
 
 
-def drop_without_io(conn: Any) -> None:
+def drop_without_io(conn: Any, driver_error: type[Exception] = OSError) -> None:
     """Forget an inherited connection without a byte reaching its server.
 
-    Closing a psycopg2 connection sends Terminate, which would end the parent's
-    session; pointing our copy of the descriptor at /dev/null first makes the
-    close harmless to the parent.
+    Closing a connection (either driver: libpq's PQfinish) sends Terminate,
+    which would end the parent's session; pointing our copy of the descriptor
+    at /dev/null first makes the close harmless to the parent.
     """
     if conn.closed:
         return
@@ -691,7 +692,7 @@ def drop_without_io(conn: Any) -> None:
         os.dup2(devnull, conn.fileno())
     finally:
         os.close(devnull)
-    with contextlib.suppress(psycopg2.Error):
+    with contextlib.suppress(driver_error):
         conn.close()
 
 
