@@ -1,0 +1,132 @@
+"""The Django ENGINE on each driver, with django.contrib.postgres and with Django's own pool.
+
+Each case runs in fresh interpreters (Django's postgresql backend binds to one
+driver per process), against a real PostgreSQL and a real coordinator; the cap
+is counted on the server.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from devtools.pgcluster import parse_dsn
+from helpers_procs import ROOT, PeakSampler, backends, coordinator, finish, sem_free, start_worker, wait_until
+
+pytest.importorskip("django")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# A process with Django configured on the ENGINE; T_* variables say how.
+DJANGO = """
+    import json, os
+    import sharedpool.integrations.django  # first, as a settings module would: SHAREDPOOL_DRIVER binds here
+    import django
+    from django.conf import settings
+    target = json.loads(os.environ["T_TARGET"])
+    settings.configure(
+        INSTALLED_APPS=os.environ.get("T_APPS", "").split(",") if os.environ.get("T_APPS") else [],
+        DATABASES={"default": {
+            "ENGINE": "sharedpool.integrations.django", "NAME": target["dbname"],
+            "HOST": target.get("host", ""), "PORT": target.get("port", ""),
+            "USER": target.get("user", ""), "PASSWORD": target.get("password", ""),
+            "POOL_SIZE": int(os.environ["T_BUDGET"]),
+            "POOL_OPTIONS": {"NAME": os.environ["T_NAME"], "AUTOSTART": False, "TIMEOUT": 60},
+            "OPTIONS": json.loads(os.environ.get("T_OPTIONS", "{}")),
+        }},
+        USE_TZ=True,
+    )
+    django.setup()
+    from django.db import connection, connections
+    from sharedpool.integrations.django.base import DRIVER
+"""
+
+CONTRIB_POSTGRES = DJANGO + """
+    from django.db.backends.postgresql.psycopg_any import NumericRange
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT %s::int4range", [NumericRange(1, 5)])
+        value = cursor.fetchone()[0]
+    assert (value.lower, value.upper) == (1, 5), value
+    connection.close()
+    print(DRIVER.name, type(connection.connection).__module__ if connection.connection else "returned", flush=True)
+"""
+
+DJANGO_POOL = DJANGO + """
+    import threading
+    from django.db import close_old_connections
+    assert connection.pool is not None, "no Django pool"
+    def work():
+        for _ in range(8):
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_sleep(0.01)")
+            connection.close()  # back to Django's pool
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    stats = connection.pool.get_stats()
+    connection.close_pool()  # every connection closed: every permit back
+    print(DRIVER.name, stats.get("connections_num", 0), flush=True)
+"""
+
+
+def worker_env(pg, name: str, budget: int, **extra: str) -> dict[str, str]:
+    import json
+
+    return {
+        "T_TARGET": json.dumps({**parse_dsn(pg.dsn), "dbname": "postgres"}),
+        "T_NAME": name,
+        "T_BUDGET": str(budget),
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("", "psycopg"), ("psycopg2", "psycopg2")])
+def test_contrib_postgres_on_each_driver(pg, unique_name, setting, expected):
+    pytest.importorskip(expected)
+    env = worker_env(pg, unique_name, 2, T_APPS="django.contrib.postgres", SHAREDPOOL_DRIVER=setting)
+    with coordinator(unique_name, 2):
+        out = finish(start_worker(CONTRIB_POSTGRES, **env))
+    assert out.split()[0] == expected
+    assert backends(pg.dsn, unique_name) == 0
+
+
+def test_a_forced_driver_after_django_loaded_the_other_is_a_clear_error(pg, unique_name):
+    pytest.importorskip("psycopg")
+    # contrib.postgres loads Django's backend (on psycopg 3) during setup; POOL_OPTIONS asks for psycopg2.
+    code = DJANGO.replace('"AUTOSTART": False', '"AUTOSTART": False, "DRIVER": "psycopg2"') + "    connection.cursor()\n"
+    proc = start_worker(code, **worker_env(pg, unique_name, 2, T_APPS="django.contrib.postgres"))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "ImproperlyConfigured: ENGINE 'sharedpool.integrations.django' is set to DRIVER psycopg2" in err
+    assert "SHAREDPOOL_DRIVER=psycopg2" in err
+
+
+def test_django_pool_option_holds_the_host_budget(pg, unique_name):
+    """4 processes, each with Django's pool (max_size 5) over a budget of 3: the server never sees 4."""
+    pytest.importorskip("psycopg_pool")
+    import json
+
+    options = json.dumps({"pool": {"min_size": 0, "max_size": 5, "timeout": 60}})
+    env = worker_env(pg, unique_name, 3, T_OPTIONS=options)
+    with coordinator(unique_name, 3), PeakSampler(pg.dsn, unique_name) as sampler:
+        procs = [start_worker(DJANGO_POOL, **env) for _ in range(4)]
+        outs = [finish(proc, timeout=180) for proc in procs]
+        peak = sampler.stop()
+        assert all(out.split()[0] == "psycopg" for out in outs), outs
+        assert 1 <= peak <= 3, peak
+        assert wait_until(lambda: backends(pg.dsn, unique_name) == 0)
+        assert sem_free(unique_name) == 3  # given back by the workers themselves, not reclaimed
+
+
+def test_engine_tests_pass_on_psycopg2_too():
+    """tests/test_django_engine.py runs on psycopg 3 here; run it once more with DRIVER=psycopg2."""
+    pytest.importorskip("psycopg2")
+    pytest.importorskip("psycopg")  # without psycopg 3 the module above already ran on psycopg2
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(HERE, "test_django_engine.py")],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        env={**os.environ, "SHAREDPOOL_DRIVER": "psycopg2", "PYTEST_ADDOPTS": ""},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
