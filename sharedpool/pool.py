@@ -610,10 +610,12 @@ class LocalPool:
             self._close_entry(entry)
 
     def forget_after_fork(self) -> None:
-        for entry in [*self._idle, *self._out.values()]:
-            drop_without_io(entry.conn, self.driver.Error)
+        # Emptied first: a connection class whose close() returns to this pool finds nothing to give back.
+        entries = [*self._idle, *self._out.values()]
         self._idle = []
         self._out = {}
+        for entry in entries:
+            drop_without_io(entry.conn, self.driver.Error)
         self._stats = dict.fromkeys(STAT_KEYS, 0)
 
     # -- stats -------------------------------------------------------------------------

@@ -70,6 +70,35 @@ DJANGO_POOL = DJANGO + """
     print(DRIVER.name, stats.get("connections_num", 0), flush=True)
 """
 
+DJANGO_POOL_FORK = DJANGO + """
+    import traceback
+    def backend_pid():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            return cursor.fetchone()[0]
+    parent_backend = backend_pid()
+    connection.close()  # idle in Django's pool, still open
+    inherited = connection.pool
+    child = os.fork()
+    if child == 0:
+        status = 1
+        try:
+            fresh = connection.pool is not inherited
+            own = backend_pid()
+            connection.close()
+            connection.close_pool()
+            status = 0 if fresh and own != parent_backend else 3
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(child, 0)
+    same = backend_pid() == parent_backend  # the parent's session survived the child
+    connection.close()
+    connection.close_pool()
+    print(os.waitstatus_to_exitcode(status), same, flush=True)
+"""
+
 
 def worker_env(pg, name: str, budget: int, **extra: str) -> dict[str, str]:
     import json
@@ -118,6 +147,17 @@ def test_django_pool_option_holds_the_host_budget(pg, unique_name):
         assert 1 <= peak <= 3, peak
         assert wait_until(lambda: backends(pg.dsn, unique_name) == 0)
         assert sem_free(unique_name) == 3  # given back by the workers themselves, not reclaimed
+
+
+def test_django_pool_in_a_forked_child(pg, unique_name):
+    """A child forks with Django's pool holding an idle connection: it builds its own, the parent's lives on."""
+    pytest.importorskip("psycopg_pool")
+    env = worker_env(pg, unique_name, 3, T_OPTIONS='{"pool": {"min_size": 1, "max_size": 1}}')
+    with coordinator(unique_name, 3):
+        out = finish(start_worker(DJANGO_POOL_FORK, **env))
+        assert out.split() == ["0", "True"]
+        assert backends(pg.dsn, unique_name) == 0
+        assert sem_free(unique_name) == 3
 
 
 def test_engine_tests_pass_on_psycopg2_too():

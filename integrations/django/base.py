@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
 import weakref
@@ -378,7 +379,7 @@ class PermitConnection:
     _local: LocalPool
     _pool: Any = None  # psycopg_pool sets it on each connection it holds
     _owner: "Callable[[], Any]" = staticmethod(lambda: None)  # weakref to the Django pool, once built
-    _permit_held = False
+    _permit_held = 0  # the pid of the process holding this connection's permit
 
     @classmethod
     def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
@@ -397,13 +398,17 @@ class PermitConnection:
                 owner = cls._owner()
                 if time.monotonic() >= deadline or owner is None or owner.closed:
                     raise
-        conn._permit_held = True
+        conn._permit_held = os.getpid()
         return conn
 
     def close(self) -> None:
-        if not self._permit_held or getattr(getattr(self, "_pool", None), "close_returns", False):
-            return super().close()  # psycopg's close (or its return to a pool that asks so)
-        self._permit_held = False
+        if self._permit_held != os.getpid() or getattr(self._pool, "close_returns", False):
+            # Not ours to give back (a child dropping an inherited connection:
+            # its socket already points at /dev/null), or psycopg's own return
+            # to a pool that asks for it.
+            self._permit_held = 0
+            return super().close()
+        self._permit_held = 0
         self._local.putconn(self, discard=True)  # closes synchronously (back here), then posts the permit
 
 
