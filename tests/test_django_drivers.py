@@ -6,6 +6,7 @@ is counted on the server.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -101,10 +102,9 @@ DJANGO_POOL_FORK = DJANGO + """
 
 
 def worker_env(pg, name: str, budget: int, **extra: str) -> dict[str, str]:
-    import json
-
+    """Environment of a DJANGO worker: the server of ``pg`` (none: never connects), pool name and budget."""
     return {
-        "T_TARGET": json.dumps({**parse_dsn(pg.dsn), "dbname": "postgres"}),
+        "T_TARGET": json.dumps({**(parse_dsn(pg.dsn) if pg else {}), "dbname": "postgres"}),
         "T_NAME": name,
         "T_BUDGET": str(budget),
         **extra,
@@ -135,8 +135,6 @@ def test_a_forced_driver_after_django_loaded_the_other_is_a_clear_error(pg, uniq
 def test_django_pool_option_holds_the_host_budget(pg, unique_name):
     """4 processes, each with Django's pool (max_size 5) over a budget of 3: the server never sees 4."""
     pytest.importorskip("psycopg_pool")
-    import json
-
     options = json.dumps({"pool": {"min_size": 0, "max_size": 5, "timeout": 60}})
     env = worker_env(pg, unique_name, 3, T_OPTIONS=options)
     with coordinator(unique_name, 3), PeakSampler(pg.dsn, unique_name) as sampler:
@@ -170,3 +168,43 @@ def test_engine_tests_pass_on_psycopg2_too():
         env={**os.environ, "SHAREDPOOL_DRIVER": "psycopg2", "PYTEST_ADDOPTS": ""},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_an_entry_asking_for_the_other_driver_is_refused():
+    """Django's backend runs on one driver per process: an entry asking for the other one is an error."""
+    pytest.importorskip("psycopg")
+    code = DJANGO + """
+    from django.core.exceptions import ImproperlyConfigured
+    from sharedpool.integrations.django.base import DatabaseWrapper
+    entry = {**connection.settings_dict, "POOL_OPTIONS": {"NAME": "x", "DRIVER": "psycopg2"}}
+    try:
+        DatabaseWrapper(entry, "other")
+    except ImproperlyConfigured as err:
+        print(err, flush=True)
+    """
+    out = finish(start_worker(code, **worker_env(None, "unused", 2)))
+    assert out.strip() == (
+        "DATABASES['other']: DRIVER 'psycopg2', but Django's postgresql backend runs on psycopg "
+        "in this process (one driver per process: see DRIVER in the README)"
+    )
+
+
+def test_entries_asking_for_different_drivers_are_refused():
+    pytest.importorskip("psycopg")
+    code = """
+    import django
+    from django.conf import settings
+    entry = {"ENGINE": "sharedpool.integrations.django", "NAME": "db", "POOL_SIZE": 2}
+    settings.configure(DATABASES={
+        "default": {**entry, "POOL_OPTIONS": {"DRIVER": "psycopg2"}},
+        "other": {**entry, "POOL_OPTIONS": {"DRIVER": "auto"}},
+    })
+    django.setup()
+    from django.core.exceptions import ImproperlyConfigured
+    try:
+        import sharedpool.integrations.django
+    except ImproperlyConfigured as err:
+        print(err, flush=True)
+    """
+    out = finish(start_worker(code))
+    assert "ask for different drivers ('default': psycopg2, 'other': psycopg)" in out
