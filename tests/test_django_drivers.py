@@ -67,7 +67,9 @@ DJANGO_POOL = DJANGO + """
     [t.start() for t in threads]
     [t.join() for t in threads]
     stats = connection.pool.get_stats()
-    connection.close_pool()  # every connection closed: every permit back
+    from sharedpool.integrations.django.base import close_pools
+    close_pools()  # as a worker-exit hook does: Django's pool closed, every permit back
+    assert not connection._connection_pools
     print(DRIVER.name, stats.get("connections_num", 0), flush=True)
 """
 

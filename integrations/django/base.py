@@ -355,7 +355,8 @@ def close_pools(name: str | None = None) -> None:
 
     Runs in the worker, e.g. from a server's worker-exit hook or a test's
     teardown. Idle connections close now; connections still checked out close
-    when given back. A later checkout starts afresh.
+    when given back. A later checkout starts afresh. Django's own pools
+    (``OPTIONS["pool"]``) on the budget are closed too.
     """
     _give_back_orphans()
     with _pools_lock:
@@ -363,6 +364,14 @@ def close_pools(name: str | None = None) -> None:
         names = {key[1].name for key in keys}
         for key in keys:
             _pools.pop(key).close()
+    django_pools = postgresql.DatabaseWrapper._connection_pools
+    for alias, pool in list(django_pools.items()):
+        if issubclass(pool.connection_class, PermitConnection):
+            pool_name = pool.connection_class._local.config.name
+            if name is None or pool_name == name:
+                names.add(pool_name)
+                if django_pools.pop(alias, None) is pool:
+                    pool.close()
     for pool_name in names:
         close_all(pool_name)
 
