@@ -36,6 +36,7 @@ MIN_STINT = 0.2  # seconds a busy connection is kept before a shed request may c
 IDLE_SETTLED = 0.02  # seconds idle after which a connection is not merely between two requests
 LOCAL_RETURN_CHECK = 0.02  # seconds between looks for a connection returned by another thread while waiting
 HANDOVER_YIELD = 0.03  # seconds at most a process that just handed a permit over lets the waiter take it
+_IDLE = drivers.IDLE
 _RESETTABLE = (drivers.INTRANS, drivers.INERROR)
 _LOCAL_HOSTS = frozenset(("localhost", "127.0.0.1", "::1"))
 
@@ -553,7 +554,7 @@ class LocalPool:
         else:
             try:
                 status = self._status(conn)
-                if status != drivers.IDLE:
+                if status != _IDLE:
                     if status in _RESETTABLE:
                         conn.rollback()
                     else:
