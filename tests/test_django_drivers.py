@@ -14,7 +14,8 @@ import sys
 import pytest
 
 from devtools.pgcluster import parse_dsn
-from helpers_procs import ROOT, PeakSampler, backends, coordinator, finish, sem_free, start_worker, wait_until
+from helpers_procs import (
+    PeakSampler, PoolWorker, backends, coordinator, finish, read_line, sem_free, start_worker, wait_until)
 
 pytest.importorskip("django")
 
@@ -102,6 +103,25 @@ DJANGO_POOL_FORK = DJANGO + """
     print(os.waitstatus_to_exitcode(status), same, flush=True)
 """
 
+DJANGO_POOL_WAITS = DJANGO + """
+    import sys
+    from django.db import OperationalError
+    def query():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        connection.close()
+    try:
+        query()
+        print("no wait", flush=True)
+    except OperationalError as err:
+        print("timeout", type(err.__cause__).__module__, flush=True)
+    sys.stdin.readline()  # the other process gave its permit back
+    query()
+    print("ok", flush=True)
+    from sharedpool.integrations.django.base import close_pools
+    close_pools()
+"""
+
 
 def worker_env(pg, name: str, budget: int, **extra: str) -> dict[str, str]:
     """Environment of a DJANGO worker: the server of ``pg`` (none: never connects), pool name and budget."""
@@ -160,13 +180,33 @@ def test_django_pool_in_a_forked_child(pg, unique_name):
         assert sem_free(unique_name) == 3
 
 
+def test_django_pool_waits_for_a_permit_within_its_own_timeout(pg, unique_name):
+    """No permit on the host: Django's pool times out as Django's would; a permit back, it connects."""
+    pytest.importorskip("psycopg_pool")
+    env = worker_env(pg, unique_name, 1, T_OPTIONS='{"pool": {"min_size": 0, "max_size": 2, "timeout": 1}}')
+    with coordinator(unique_name, 1):
+        holder = PoolWorker(unique_name, 1, pg.dsn)
+        try:
+            holder.get(1)
+            proc = start_worker(DJANGO_POOL_WAITS, **env)
+            assert read_line(proc) == "timeout psycopg_pool"  # psycopg_pool's PoolTimeout, wrapped by Django
+            holder.do("put 1")
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            assert read_line(proc) == "ok"
+            finish(proc)
+        finally:
+            holder.exit()
+        assert sem_free(unique_name) == 1
+
+
 def test_engine_tests_pass_on_psycopg2_too():
     """tests/test_django_engine.py runs on psycopg 3 here; run it once more with DRIVER=psycopg2."""
     pytest.importorskip("psycopg2")
     pytest.importorskip("psycopg")  # without psycopg 3 the module above already ran on psycopg2
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(HERE, "test_django_engine.py")],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        capture_output=True, text=True, cwd=os.path.dirname(HERE), timeout=600,
         env={**os.environ, "SHAREDPOOL_DRIVER": "psycopg2", "PYTEST_ADDOPTS": ""},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

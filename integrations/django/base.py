@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -387,7 +387,7 @@ class PermitConnection:
 
     _local: LocalPool
     _pool: Any = None  # psycopg_pool sets it on each connection it holds
-    _owner: "Callable[[], Any]" = staticmethod(lambda: None)  # weakref to the Django pool, once built
+    _owner: "weakref.ref[Any] | None" = None  # the Django pool, once built
     _permit_held = 0  # the pid of the process holding this connection's permit
 
     @classmethod
@@ -403,10 +403,12 @@ class PermitConnection:
             try:
                 conn = local.getconn(timeout=min(PERMIT_WAIT_SLICE, max(deadline - time.monotonic(), 0.0)))
                 break
-            except PoolTimeout:
-                owner = cls._owner()
-                if time.monotonic() >= deadline or owner is None or owner.closed:
+            except PoolTimeout as err:
+                owner = cls._owner and cls._owner()
+                if owner is None or owner.closed:
                     raise
+                if time.monotonic() >= deadline:
+                    raise PoolTimeout(f"{err}; tried for TIMEOUT ({local.config.timeout:.1f} s)") from None
         conn._permit_held = os.getpid()
         return conn
 
