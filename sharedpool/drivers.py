@@ -70,11 +70,11 @@ def get(setting: str = "auto") -> Driver:
     try:
         return _load(name)
     except ImportError as err:
-        wanted = "psycopg 3 or psycopg2" if setting == "auto" else name
-        raise ConfigError(
-            f"DRIVER={setting!r} needs {wanted}, which cannot be imported ({err}); "
-            f"install {_PACKAGES[name]} (extra sharedpool[{name}])"
-        ) from err
+        if setting == "auto":
+            wanted, install = "psycopg 3 or psycopg2", "the extra sharedpool[psycopg] or sharedpool[psycopg2]"
+        else:
+            wanted, install = name, f"{_PACKAGES[name]} (extra sharedpool[{name}])"
+        raise ConfigError(f"DRIVER={setting!r} needs {wanted}, which cannot be imported ({err}); install {install}") from err
 
 
 @functools.cache

@@ -214,3 +214,15 @@ def test_cap_holds_on_the_server_across_processes(dsn, unique_name, driver):
         peak = sampler.stop()
         assert 1 <= peak <= 2
         assert wait_until(lambda: backends(dsn, unique_name) == 0)
+
+
+def test_without_any_driver_the_error_says_what_to_install():
+    code = (
+        "import sys; sys.modules['psycopg'] = sys.modules['psycopg2'] = None\n"
+        "import sharedpool\n"
+        "try: sharedpool.LocalPool(sharedpool.PoolConfig(name='nodriver', pool_size=1))\n"
+        "except sharedpool.ConfigError as err: print(err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.startswith("DRIVER='auto' needs psycopg 3 or psycopg2, which cannot be imported")
+    assert out.strip().endswith("install the extra sharedpool[psycopg] or sharedpool[psycopg2]")
