@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Mapping
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -40,10 +41,12 @@ def wanted() -> str | None:
 
         if not settings.configured:  # e.g. imported from the settings module itself
             return None
-        chosen = {
-            alias: drivers.resolve(convert(f"DATABASES[{alias!r}]['POOL_OPTIONS']['DRIVER']", (entry.get("POOL_OPTIONS") or {}).get("DRIVER", "auto")))
-            for alias, entry in settings.DATABASES.items() if entry.get("ENGINE") == ENGINE
-        }
+        chosen = {}
+        for alias, entry in settings.DATABASES.items():
+            if entry.get("ENGINE") == ENGINE:
+                options = entry.get("POOL_OPTIONS")  # not a dict: config.py says so, with the entry
+                setting = options.get("DRIVER", "auto") if isinstance(options, Mapping) else "auto"
+                chosen[alias] = drivers.resolve(convert(f"DATABASES[{alias!r}]['POOL_OPTIONS']['DRIVER']", setting))
     except ConfigError as err:
         raise ImproperlyConfigured(str(err)) from err
     if len(set(chosen.values())) > 1:
