@@ -3,6 +3,8 @@ PYTHON ?= $(shell command -v python3.11 || echo python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# the driver of `make django-suite` / `django-suite-stock`: psycopg2 or psycopg
+DRIVER ?= psycopg2
 
 .PHONY: help venv test test-fast test-pyuwsgi demo bench bench-quick bench-micro django-suite django-suite-stock clean
 
@@ -47,11 +49,11 @@ bench-micro: $(STAMP)  ## in-process micro-benchmarks: warm checkout + return, p
 	$(PY) bench/bench_checkout.py
 	$(PY) bench/bench_permits.py
 
-django-suite: $(STAMP)  ## Django 5.2's own tests (backends transactions transaction_hooks select_for_update basic) on the sharedpool ENGINE
-	PYTHON=$(PYTHON) scripts/django_suite.sh --engine sharedpool
+django-suite: $(STAMP)  ## Django 5.2's own tests (backends transactions transaction_hooks select_for_update basic queries) on the sharedpool ENGINE; DRIVER=psycopg2 (default) or psycopg
+	PYTHON=$(PYTHON) scripts/django_suite.sh --engine sharedpool --driver $(DRIVER)
 
-django-suite-stock: $(STAMP)  ## the same Django tests on the stock postgresql backend, for comparison
-	PYTHON=$(PYTHON) scripts/django_suite.sh --engine stock
+django-suite-stock: $(STAMP)  ## the same Django tests on the stock postgresql backend, for comparison (same DRIVER)
+	PYTHON=$(PYTHON) scripts/django_suite.sh --engine stock --driver $(DRIVER)
 
 clean:  ## remove the venvs and caches (.venv, .cache with the Django sdist and its venv)
 	rm -rf $(VENV) .cache .pytest_cache *.egg-info

@@ -1,4 +1,4 @@
-"""Warm checkout + return in one process: sharedpool vs SQLAlchemy QueuePool vs psycopg_pool.
+"""Warm checkout + return in one process: sharedpool (psycopg2, psycopg 3) vs SQLAlchemy QueuePool vs psycopg_pool.
 
     .venv/bin/python bench/bench_checkout.py [--dsn DSN] [--iterations N] [--repeats R]
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -41,13 +42,13 @@ def timed(ops: dict[str, Callable[[], None]], iterations: int, repeats: int) -> 
 
 
 @contextlib.contextmanager
-def sharedpool_op(dsn: str) -> Iterator[Callable[[], None]]:
+def sharedpool_op(dsn: str, driver: str) -> Iterator[Callable[[], None]]:
     from sharedpool import LocalPool, PoolConfig
     from tests.helpers_procs import coordinator
 
-    name = f"bench{os.getpid()}"
+    name = f"bench{os.getpid()}{driver}"
     with coordinator(name, 4):
-        pool = LocalPool(PoolConfig(name=name, pool_size=4), dsn)
+        pool = LocalPool(PoolConfig(name=name, pool_size=4, driver=driver), dsn)
         getconn, putconn = pool.getconn, pool.putconn
 
         def op() -> None:
@@ -86,7 +87,12 @@ def psycopg_pool_op(dsn: str) -> Iterator[Callable[[], None]]:
     pool.close()
 
 
-POOLS = {"sharedpool": sharedpool_op, "sqlalchemy_queuepool": sqlalchemy_op, "psycopg_pool": psycopg_pool_op}
+POOLS = {
+    "sharedpool_psycopg2": functools.partial(sharedpool_op, driver="psycopg2"),
+    "sharedpool_psycopg": functools.partial(sharedpool_op, driver="psycopg"),
+    "sqlalchemy_queuepool": sqlalchemy_op,  # on psycopg2
+    "psycopg_pool": psycopg_pool_op,  # on psycopg 3
+}
 
 
 def main() -> int:
@@ -117,6 +123,7 @@ def main() -> int:
         "repeats": args.repeats,
         "python": platform.python_version(),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "load_average_1min": round(os.getloadavg()[0], 2),  # a shared machine: judge the figures by it
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join([os.path.relpath(sys.executable, ROOT), *sys.argv]),
     }

@@ -994,8 +994,8 @@ def parse_args(argv=None):
                     help="repeat every run N times, interleaved, strategy order rotated; the "
                          "summary uses medians and paired ratios (default 3, --quick 1)")
     ap.add_argument("--driver", choices=["psycopg2", "psycopg"], default="psycopg2",
-                    help="DB-API driver for the stock Django backend (default psycopg2, the "
-                         "driver sharedpool's backend uses)")
+                    help="DB-API driver of every strategy, sharedpool's ENGINE included "
+                         "(default psycopg2)")
     ap.add_argument("--load", choices=["auto", "wrk", "python"], default="auto",
                     help="load generator: wrk (default when installed) or a python fallback")
     ap.add_argument("--out", default=None,

@@ -165,8 +165,14 @@ def close_worker_pools() -> None:
 
 
 def make_psycopg2_green() -> None:
-    """Let other greenlets run while psycopg2 waits for the server (what psycogreen does)."""
-    import psycopg2.extensions
+    """Let other greenlets run while psycopg2 waits for the server (what psycogreen does).
+
+    psycopg 3 needs nothing: it notices gevent's monkey-patching by itself.
+    """
+    try:
+        import psycopg2.extensions
+    except ImportError:
+        return  # psycopg 3 only
 
     if psycopg2.extensions.get_wait_callback() is None:
         psycopg2.extensions.set_wait_callback(gevent_wait_callback)

@@ -6,14 +6,13 @@ set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SCRIPTS="$REPO/scripts"
-VENV=${DJANGO_SUITE_VENV:-$REPO/.cache/djsuite-venv}
 DJANGO_SPEC=${DJANGO_SUITE_DJANGO:-Django>=5.2,<5.3}
 CACHE=${DJANGO_SUITE_CACHE:-$REPO/.cache}
-DEFAULT_LABELS=(backends transactions transaction_hooks select_for_update basic)
+DEFAULT_LABELS=(backends transactions transaction_hooks select_for_update basic queries)
 
 usage() {
     cat <<EOF
-usage: scripts/django_suite.sh [--engine stock|sharedpool] [labels...] [-- runtests options...]
+usage: scripts/django_suite.sh [--engine stock|sharedpool] [--driver psycopg2|psycopg] [labels...] [-- runtests options...]
 
 Runs Django's own test suite (tests/runtests.py of the Django sdist matching the
 installed Django) against PostgreSQL:
@@ -21,6 +20,9 @@ installed Django) against PostgreSQL:
 
   --engine stock       django.db.backends.postgresql (default)
   --engine sharedpool  sharedpool.integrations.django (repo installed with pip -e)
+  --driver psycopg2    the venv has psycopg2-binary only (default)
+  --driver psycopg     the venv has psycopg 3 and psycopg_pool only (Django's pool
+                       tests in backends.postgresql then run too)
   labels               Django test labels (default: ${DEFAULT_LABELS[*]})
   -- ARGS              passed to runtests.py as they are (e.g. -- --failfast -k name)
   -h, --help           this text
@@ -29,12 +31,13 @@ Environment:
   DATABASE_URL or PGHOST  use that server (PGPORT PGUSER PGPASSWORD too) instead of
                           starting a throwaway PostgreSQL cluster (devtools.pgcluster)
   DJANGO_SUITE_POOL_SIZE  POOL_SIZE for the sharedpool engine (default 8)
-  DJANGO_SUITE_VENV       scratch virtualenv (default .cache/djsuite-venv in the repo)
+  DJANGO_SUITE_VENV       scratch virtualenv (default .cache/djsuite-venv-DRIVER in the repo)
   DJANGO_SUITE_DJANGO     pip requirement for Django (default "Django>=5.2,<5.3")
   DJANGO_SUITE_CACHE      where the sdist is unpacked (default <repo>/.cache)
 
-The suite uses psycopg2 (psycopg2-binary); psycopg 3 is kept out of the venv,
-since Django's postgresql backend prefers psycopg 3 when it is importable.
+Each driver has its own venv holding only that driver, so the stock backend
+(which prefers psycopg 3 whenever it is importable) and the ENGINE run on the
+same one; the ENGINE also gets SHAREDPOOL_DRIVER=DRIVER.
 Exit status: that of runtests.py (1 on a setup failure).
 EOF
 }
@@ -43,6 +46,7 @@ log() { echo "django_suite: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 ENGINE_KIND=stock
+DRIVER=psycopg2
 LABELS=()
 EXTRA=()
 while [ $# -gt 0 ]; do
@@ -50,6 +54,8 @@ while [ $# -gt 0 ]; do
         -h|--help) usage; exit 0 ;;
         --engine) [ $# -ge 2 ] || die "--engine needs stock|sharedpool"; ENGINE_KIND=$2; shift 2 ;;
         --engine=*) ENGINE_KIND=${1#--engine=}; shift ;;
+        --driver) [ $# -ge 2 ] || die "--driver needs psycopg2|psycopg"; DRIVER=$2; shift 2 ;;
+        --driver=*) DRIVER=${1#--driver=}; shift ;;
         --) shift; EXTRA=("$@"); break ;;
         -*) die "unknown option $1 (runtests options go after --; see --help)" ;;
         *) LABELS+=("$1"); shift ;;
@@ -60,7 +66,13 @@ case "$ENGINE_KIND" in
     sharedpool) ENGINE=sharedpool.integrations.django ;;
     *) die "--engine must be stock or sharedpool, not '$ENGINE_KIND'" ;;
 esac
+case "$DRIVER" in
+    psycopg2) DRIVER_REQS=(psycopg2-binary); OTHER=psycopg ;;
+    psycopg) DRIVER_REQS=("psycopg[binary,pool]"); OTHER=psycopg2 ;;
+    *) die "--driver must be psycopg2 or psycopg, not '$DRIVER'" ;;
+esac
 [ ${#LABELS[@]} -gt 0 ] || LABELS=("${DEFAULT_LABELS[@]}")
+VENV=${DJANGO_SUITE_VENV:-$REPO/.cache/djsuite-venv-$DRIVER}
 
 # --- venv -----------------------------------------------------------------
 PY="$VENV/bin/python"
@@ -68,12 +80,14 @@ if [ ! -x "$PY" ]; then
     log "creating venv $VENV"
     "${PYTHON:-python3}" -m venv "$VENV" || die "${PYTHON:-python3} -m venv $VENV failed"
 fi
-if ! "$PY" -c 'import django, psycopg2' >/dev/null 2>&1; then
-    log "installing $DJANGO_SPEC psycopg2-binary into $VENV"
-    "$PY" -m pip install -q "$DJANGO_SPEC" psycopg2-binary || die "pip install failed"
+IMPORTS="import django, $DRIVER"
+[ "$DRIVER" = psycopg2 ] || IMPORTS="$IMPORTS, psycopg_pool"
+if ! "$PY" -c "$IMPORTS" >/dev/null 2>&1; then
+    log "installing $DJANGO_SPEC ${DRIVER_REQS[*]} into $VENV"
+    "$PY" -m pip install -q "$DJANGO_SPEC" "${DRIVER_REQS[@]}" || die "pip install failed"
 fi
-if "$PY" -c 'import psycopg' >/dev/null 2>&1; then
-    log "warning: psycopg 3 is importable in $VENV; Django will use it instead of psycopg2"
+if "$PY" -c "import $OTHER" >/dev/null 2>&1; then
+    die "$OTHER is importable in $VENV: the suite on $DRIVER needs a venv without it (DJANGO_SUITE_VENV)"
 fi
 if [ "$ENGINE_KIND" = sharedpool ]; then
     # Editable install; redone when pyproject.toml changes (or was never done).
@@ -129,9 +143,10 @@ fi
 
 # --- run --------------------------------------------------------------------------
 export DJANGO_SUITE_ENGINE=$ENGINE
+[ "$ENGINE_KIND" = stock ] || export SHAREDPOOL_DRIVER=$DRIVER
 export PYTHONPATH="$SCRIPTS${PYTHONPATH:+:$PYTHONPATH}"
 LOG=$(mktemp /tmp/djsuite-log.XXXXXX)
-log "Django $DJANGO_VERSION, engine $ENGINE, labels: ${LABELS[*]}"
+log "Django $DJANGO_VERSION, engine $ENGINE, driver $DRIVER, labels: ${LABELS[*]}"
 START=$(date +%s)
 (cd "$SDIST/tests" && "$PY" runtests.py --settings=django_suite_settings --parallel 1 -v 1 \
     "${LABELS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}) 2>&1 | tee "$LOG"
@@ -142,8 +157,8 @@ RAN=$(grep -Eo '^Ran [0-9]+ tests? in [0-9.]+s' "$LOG" | tail -n1)
 STATUS=$(grep -E '^(OK|FAILED)( \(|$)' "$LOG" | tail -n1)
 SKIPPED=$(echo "$STATUS" | grep -Eo 'skipped=[0-9]+' | cut -d= -f2)
 RESULT=${STATUS%% *}
-DETAIL=$(echo "$STATUS" | grep -Eo '(failures|errors|unexpected successes)=[0-9]+' | paste -sd' ' -)
+DETAIL=$(echo "$STATUS" | sed 's/expected failures=[0-9]*//' | grep -Eo '(failures|errors|unexpected successes)=[0-9]+' | paste -sd' ' -)
 rm -f "$LOG"
-echo "django_suite: engine=$ENGINE_KIND Django $DJANGO_VERSION: ${RAN:-no test run}," \
+echo "django_suite: engine=$ENGINE_KIND driver=$DRIVER Django $DJANGO_VERSION: ${RAN:-no test run}," \
     "${RESULT:-no result}${DETAIL:+ ($DETAIL)}, skipped ${SKIPPED:-0}, wall ${WALL}s, exit $RC"
 exit "$RC"

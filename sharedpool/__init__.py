@@ -47,7 +47,7 @@ def _resolve(alias_or_pool: "str | LocalPool") -> LocalPool:
 
 @contextlib.contextmanager
 def connection(alias_or_pool: "str | LocalPool" = "default", timeout: float | None = None) -> Iterator[Any]:
-    """Check out a raw psycopg2 connection for a block; it goes back (rolled back on error) on exit.
+    """Check out a raw driver connection (psycopg 3 or psycopg2, per DRIVER) for a block; it goes back (rolled back on error) on exit.
 
     ``alias_or_pool`` is a Django DATABASES alias using the sharedpool ENGINE, or a LocalPool.
     """

@@ -12,13 +12,12 @@ import socket
 import time
 from typing import Any
 
-import psycopg2
-import psycopg2.extensions
+from .drivers import ACTIVE
 
 CLOSE_WAIT = 2.0  # seconds to wait for the server to confirm a closed backend has exited
 
 
-def close_synchronously(conn: Any, sock: int | None = None) -> int | None:
+def close_synchronously(conn: Any, sock: int | None = None, driver_error: type[Exception] = OSError) -> int | None:
     """Close and wait until the server side is gone, so its permit is really free.
 
     PostgreSQL keeps a backend's socket open until the process has exited
@@ -27,20 +26,22 @@ def close_synchronously(conn: Any, sock: int | None = None) -> int | None:
     counts against max_connections. A query still running is cancelled
     first: a busy backend reads our Terminate only when it finishes. Our
     side is shut for writing after the close, so the server sees EOF even
-    where the driver closed without a Terminate. Returns None once confirmed
-    (``sock`` closed), else ``sock``, still open, to watch until EOF.
+    where the driver closed without a Terminate. ``driver_error`` is the
+    Error class of the connection's driver (psycopg 3 or psycopg2). Returns
+    None once confirmed (``sock`` closed), else ``sock``, still open, to watch
+    until EOF.
     """
     if sock is None:
         try:
             sock = os.dup(conn.fileno())
-        except (psycopg2.Error, OSError, ValueError):
-            with contextlib.suppress(psycopg2.Error):
+        except (driver_error, OSError, ValueError):
+            with contextlib.suppress(driver_error):
                 conn.close()
             return None
-    with contextlib.suppress(psycopg2.Error, OSError):
-        if not conn.closed and conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_ACTIVE:
+    with contextlib.suppress(driver_error, OSError):
+        if not conn.closed and conn.info.transaction_status == ACTIVE:
             conn.cancel()
-    with contextlib.suppress(psycopg2.Error):
+    with contextlib.suppress(driver_error):
         conn.close()
     with contextlib.suppress(OSError):
         _shut_write(sock)
@@ -76,12 +77,12 @@ def wait_for_eof(fd: int, timeout: float) -> bool:
         return True  # reset by the server: it is gone
 
 
-def drop_without_io(conn: Any) -> None:
+def drop_without_io(conn: Any, driver_error: type[Exception] = OSError) -> None:
     """Forget an inherited connection without a byte reaching its server.
 
-    Closing a psycopg2 connection sends Terminate, which would end the parent's
-    session; pointing our copy of the descriptor at /dev/null first makes the
-    close harmless to the parent.
+    Closing a connection (either driver: libpq's PQfinish) sends Terminate,
+    which would end the parent's session; pointing our copy of the descriptor
+    at /dev/null first makes the close harmless to the parent.
     """
     if conn.closed:
         return
@@ -90,5 +91,5 @@ def drop_without_io(conn: Any) -> None:
         os.dup2(devnull, conn.fileno())
     finally:
         os.close(devnull)
-    with contextlib.suppress(psycopg2.Error):
+    with contextlib.suppress(driver_error):
         conn.close()

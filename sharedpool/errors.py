@@ -2,7 +2,27 @@
 
 Imported in every process (workers and coordinator).
 """
-import psycopg2
+import importlib
+
+
+def _driver_operational_errors() -> tuple[type[Exception], ...]:
+    """OperationalError of each installed driver (psycopg 3, psycopg2).
+
+    PoolTimeout and PoolUnavailable subclass them, so code (and Django's error
+    wrapper) that catches the driver's OperationalError also catches a pool that
+    cannot hand out a connection, whichever driver is in use. Neither driver
+    is required: with none installed they are plain SharedPoolErrors.
+    """
+    found = []
+    for name in ("psycopg", "psycopg2"):
+        try:
+            found.append(importlib.import_module(name).OperationalError)
+        except ImportError:
+            continue  # not installed (or unusable: using it as DRIVER says why)
+    return tuple(found)
+
+
+_OPERATIONAL = _driver_operational_errors()
 
 
 class SharedPoolError(Exception):
@@ -21,11 +41,11 @@ class PoolPermissionError(LedgerError):
     """The pool's objects belong to someone else, or are open to more users than configured."""
 
 
-class PoolUnavailable(SharedPoolError, psycopg2.OperationalError):
+class PoolUnavailable(SharedPoolError, *_OPERATIONAL):
     """No ledger exists for the pool and none could be started."""
 
 
-class PoolTimeout(SharedPoolError, psycopg2.OperationalError):
+class PoolTimeout(SharedPoolError, *_OPERATIONAL):
     """No permit or connection became free within TIMEOUT."""
 
 

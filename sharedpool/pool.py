@@ -19,10 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import psycopg2
-import psycopg2.extensions
-
-from . import cluster, forksafe
+from . import cluster, drivers, forksafe
 from .budget import ProcessBudget, close_all, forget_all_after_fork
 from .closing import close_synchronously, drop_without_io
 from .config import PoolConfig
@@ -31,8 +28,8 @@ from .errors import PoolClosed, PoolTimeout
 log = logging.getLogger("sharedpool")
 
 MIN_CONNECT_TIMEOUT = 2  # libpq rounds any connect_timeout below 2 s up to 2 s
-_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
-_RESETTABLE = (psycopg2.extensions.TRANSACTION_STATUS_INTRANS, psycopg2.extensions.TRANSACTION_STATUS_INERROR)
+_IDLE = drivers.IDLE
+_RESETTABLE = (drivers.INTRANS, drivers.INERROR)
 _LOCAL_HOSTS = frozenset(("localhost", "127.0.0.1", "::1"))
 
 
@@ -54,10 +51,12 @@ class _Entry:
 
 
 class LocalPool:
-    """Thread-safe pool of psycopg2 connections to one target, inside one process.
+    """Thread-safe pool of connections to one target, inside one process.
 
     Runs in the worker. Connections come back with ``putconn`` (rolled back, or
-    discarded if broken); the pool may be used before and after fork.
+    discarded if broken); the pool may be used before and after fork. DRIVER
+    picks psycopg 3 or psycopg2; ``connect`` replaces that driver's connect
+    function (it must return that driver's connections).
     """
 
     def __init__(
@@ -65,14 +64,16 @@ class LocalPool:
         config: PoolConfig,
         dsn: str | None = None,
         *,
-        connect: Callable[..., Any] = psycopg2.connect,
+        connect: Callable[..., Any] | None = None,
         **connect_kwargs: Any,
     ) -> None:
         self.config = config
+        self.driver = drivers.get(config.driver)
         self.budget = ProcessBudget.for_config(config)
         with self.budget.lock:
             self.budget.pools.add(self)
-        self._connect = connect
+        self._connect = connect or self.driver.connect
+        self._status = self.driver.transaction_status
         self._connect_args = (dsn,) if dsn is not None else ()
         self._connect_kwargs = _with_server_options(config, connect_kwargs)
         user_timeout = self._connect_kwargs.pop("connect_timeout", None)
@@ -211,7 +212,7 @@ class LocalPool:
             with budget.lock:
                 self._stats["connections_errors"] += 1
             budget.give_back(None, in_use=True)
-            if isinstance(exc, psycopg2.Error) and not isinstance(exc, PoolTimeout):
+            if isinstance(exc, self.driver.Error) and not isinstance(exc, PoolTimeout):
                 reason = str(exc).strip()
                 log.warning("sharedpool: pool %r: connect failed: %s", self.config.name, reason)
                 if time.monotonic() >= deadline:
@@ -246,7 +247,7 @@ class LocalPool:
                     cur.execute("SELECT 1")
                 if not conn.autocommit:
                     conn.rollback()
-            except psycopg2.Error:
+            except self.driver.Error:
                 return "lost"
         return None
 
@@ -262,13 +263,13 @@ class LocalPool:
             discard = True
         else:
             try:
-                status = conn.get_transaction_status()
+                status = self._status(conn)
                 if status != _IDLE:
                     if status in _RESETTABLE:
                         conn.rollback()
                     else:
                         bad = True  # a query still running, or a lost connection
-            except psycopg2.Error:
+            except self.driver.Error:
                 bad = True
             except BaseException:  # e.g. gevent.Timeout during the rollback: don't strand the permit
                 self._close_entry(entry, checked_out=True)
@@ -298,7 +299,7 @@ class LocalPool:
             yield conn
         except BaseException:
             if not conn.closed:
-                with contextlib.suppress(psycopg2.Error):
+                with contextlib.suppress(self.driver.Error):
                     conn.rollback()
             raise
         finally:
@@ -312,7 +313,7 @@ class LocalPool:
         If the server has not confirmed the backend's exit within closing.CLOSE_WAIT,
         the permit stays taken and the budget gives it back once it has.
         """
-        unconfirmed = close_synchronously(entry.conn, entry.sock)
+        unconfirmed = close_synchronously(entry.conn, entry.sock, self.driver.Error)
         if unconfirmed is None:
             self.budget.give_back(entry, in_use=checked_out)
         else:
@@ -330,11 +331,13 @@ class LocalPool:
             self._close_entry(entry)
 
     def forget_after_fork(self) -> None:
-        for entry in [*self._idle, *self._out.values()]:
-            drop_without_io(entry.conn)
-            os.close(entry.sock)  # our duplicate: closing it sends nothing
+        # Emptied first: a connection class whose close() returns to this pool finds nothing to give back.
+        entries = [*self._idle, *self._out.values()]
         self._idle = []
         self._out = {}
+        for entry in entries:
+            drop_without_io(entry.conn, self.driver.Error)
+            os.close(entry.sock)  # our duplicate: closing it sends nothing
         self._stats = dict.fromkeys(STAT_KEYS, 0)
 
     # -- stats -------------------------------------------------------------------------

@@ -35,7 +35,8 @@ from pooltest.models import Item  # noqa: E402
 
 import sharedpool  # noqa: E402
 from devtools.pgcluster import parse_dsn  # noqa: E402
-from sharedpool.integrations.django.base import close_pools  # noqa: E402
+from sharedpool.integrations.django.base import DRIVER, close_pools  # noqa: E402
+from django.db.backends.postgresql.psycopg_any import IsolationLevel  # noqa: E402  (bound by the ENGINE first)
 from helpers_procs import coordinator  # noqa: E402
 
 TABLE = "CREATE TABLE pooltest_item (id serial PRIMARY KEY, name varchar(50) NOT NULL, n integer NOT NULL)"
@@ -152,7 +153,7 @@ def test_orm_basics_through_the_pool(use_django, pg):
     assert Item.objects.filter(n__gte=2).update(n=0) == 2
     assert connection.vendor == "postgresql"
     raw = connection.connection
-    assert isinstance(raw, psycopg2.extensions.connection)  # the raw psycopg2 connection
+    assert type(raw).__module__.split(".")[0] == DRIVER.name  # the raw driver connection (psycopg 3 when installed)
     assert raw.info.backend_pid in backends(pg, name)
     with connection.cursor() as cursor:
         cursor.execute("SELECT current_setting('TimeZone'), current_setting('client_connection_check_interval')")
@@ -359,7 +360,7 @@ def test_session_options_get_their_own_connections(use_django):
     assert connection.cursor() and connection.connection.isolation_level is None
     default_pid = backend_pid()
     connection.close()
-    connection.settings_dict["OPTIONS"]["isolation_level"] = psycopg2.extensions.ISOLATION_LEVEL_SERIALIZABLE
+    connection.settings_dict["OPTIONS"]["isolation_level"] = IsolationLevel.SERIALIZABLE
     with transaction.atomic():
         with connection.cursor() as cursor:
             cursor.execute("SHOW transaction_isolation")

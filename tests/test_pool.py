@@ -20,6 +20,7 @@ def make_pool(dsn, unique_name):
     with coordinator(unique_name, 4) as coord:
 
         def make(**options):
+            options.setdefault("driver", "psycopg2")  # the psycopg2 errors asserted below; both drivers: test_drivers.py
             config = PoolConfig(name=unique_name, pool_size=options.pop("pool_size", 4), **options)
             pool = LocalPool(config, dsn)
             made.append(pool)

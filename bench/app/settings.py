@@ -6,8 +6,8 @@ BENCH_STRATEGY   direct | persistent | djdbpool | pgbouncer | sharedpool
 BENCH_DB_HOST, BENCH_DB_PORT, BENCH_DB_NAME, BENCH_DB_USER, BENCH_DB_PASSWORD
 BENCH_BUDGET     the per-host connection budget of the scenario
 BENCH_WORKERS    gunicorn workers (djdbpool sizes its per-process pool from it)
-BENCH_DRIVER     psycopg2 (default: every strategy on the same driver as
-                 sharedpool's backend) or psycopg (psycopg 3 where Django picks it)
+BENCH_DRIVER     psycopg2 (default) or psycopg (psycopg 3): every strategy,
+                 sharedpool's ENGINE included (DRIVER auto), on that driver
 SHAREDPOOL_NAME  unique pool name for the sharedpool strategy
 """
 import os
@@ -15,7 +15,7 @@ import sys
 
 if os.environ.get("BENCH_DRIVER", "psycopg2") == "psycopg2":
     # Django (and django-db-connection-pool) prefer psycopg 3 when importable;
-    # hide it so that every strategy runs on psycopg2, as sharedpool does.
+    # hide it so that every strategy runs on psycopg2.
     sys.modules["psycopg"] = None
 
 STRATEGY = os.environ.get("BENCH_STRATEGY", "persistent")

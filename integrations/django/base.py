@@ -1,40 +1,44 @@
 """Serve Django's postgresql backend from sharedpool: connect checks out, close gives back.
 
 Runs in the worker, in every thread that uses a connection. One LocalPool per
-distinct connection target (the params Django would pass to
-``psycopg2.connect`` plus the session options applied on top of them:
-isolation level, role), all targets of one pool NAME sharing its per-host
-budget. Everything else is Django's postgresql backend on psycopg2.
+distinct connection target (the params Django would pass to the driver's
+``connect`` plus the session options applied on top of them: isolation
+level, role), all targets of one pool NAME sharing its per-host budget.
+Everything else is Django's postgresql backend, on psycopg 3 or psycopg2
+(DRIVER). With Django's own pool (``OPTIONS["pool"]``, psycopg 3) Django
+pools as usual and every connection its pool opens holds a permit.
 """
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS
+from django.db.backends.base.base import NO_DB_ALIAS
 from django.utils.asyncio import async_unsafe
 
-from .driver import require_psycopg2
+from . import driver
 
-require_psycopg2()
+DRIVER = driver.bound()
 
-import psycopg2  # noqa: E402
-import psycopg2.extensions  # noqa: E402
-import psycopg2.extras  # noqa: E402
 from django.db.backends.postgresql import base as postgresql  # noqa: E402
 from django.db.backends.postgresql.psycopg_any import IsolationLevel  # noqa: E402
 
-from sharedpool.errors import ConfigError  # noqa: E402
+from sharedpool import drivers, forksafe  # noqa: E402
+from sharedpool.errors import ConfigError, PoolTimeout  # noqa: E402
 from sharedpool.pool import LocalPool, close_all  # noqa: E402
 
 from .config import pool_config  # noqa: E402
 
-_CLEAN = (psycopg2.extensions.TRANSACTION_STATUS_IDLE, psycopg2.extensions.TRANSACTION_STATUS_INTRANS)
+Database = postgresql.Database
+_CLEAN = (drivers.IDLE, drivers.INTRANS)
 
 _pools: dict[tuple, LocalPool] = {}
 _pools_lock = threading.Lock()
@@ -95,12 +99,12 @@ def _close_named_cursors(conn: Any, cursors: "weakref.WeakSet[Any]") -> bool:
             return False
         try:
             cursor.close()
-        except psycopg2.ProgrammingError:
-            # "named cursor isn't valid anymore": a non-holdable cursor whose
-            # transaction ended; psycopg2 sends nothing for it, now or later.
+        except Database.ProgrammingError:
+            # psycopg2's "named cursor isn't valid anymore": a non-holdable cursor
+            # whose transaction ended; psycopg2 sends nothing for it, now or later.
             if cursor.withhold or conn.info.transaction_status not in _CLEAN:
                 return False
-        except psycopg2.Error:
+        except Database.Error:
             return False
     return True
 
@@ -143,10 +147,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     def __init__(self, settings_dict: dict, alias: str = DEFAULT_DB_ALIAS) -> None:
         super().__init__(settings_dict, alias)
         self.pool_config = pool_config(settings_dict, alias)
-        if (settings_dict.get("OPTIONS") or {}).get("pool"):
+        if drivers.resolve(self.pool_config.driver) != DRIVER.name:
             raise ImproperlyConfigured(
-                f"DATABASES[{alias!r}]['OPTIONS']['pool'] asks for Django's psycopg 3 pool; ENGINE "
-                "'sharedpool.integrations.django' pools by itself (POOL_SIZE, POOL_OPTIONS): remove it"
+                f"DATABASES[{alias!r}]: DRIVER {self.pool_config.driver!r}, but Django's postgresql backend "
+                f"runs on {DRIVER.name} in this process (one driver per process: see DRIVER in the README)"
             )
         options = settings_dict.get("POOL_OPTIONS") or {}
         if "NAME" not in options:
@@ -167,14 +171,46 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         return pool_for(self.pool_config, self.get_connection_params(), self._session_key())
 
     def raw_pool(self) -> LocalPool:
-        """Return a LocalPool of plain psycopg2 connections to this alias's database.
+        """Return a LocalPool of plain driver connections to this alias's database.
 
         Kept apart from the ORM's connections, whose session state (autocommit,
-        time zone) Django sets up; both draw on the same budget.
+        time zone, psycopg 3 adapters) Django sets up; both draw on the same budget.
         """
         params = self.get_connection_params()
-        params.pop("cursor_factory", None)
+        for key in ("cursor_factory", "context", "prepare_threshold"):
+            params.pop(key, None)
         return pool_for(self.pool_config, params, kind="raw")
+
+    @property
+    def pool(self) -> Any:
+        """Django's own psycopg_pool pool (``OPTIONS["pool"]``), its connections under the budget.
+
+        Django builds it from its settings as usual (so ``min_size``,
+        ``max_size``, ``timeout`` keep their per-process meaning); only its
+        ``connection_class`` is ours: each connection takes a permit before
+        connecting and gives it back after a synchronous close.
+        """
+        options = self.settings_dict["OPTIONS"].get("pool")
+        if not options or self.alias == NO_DB_ALIAS or self.alias in self._connection_pools:
+            return super().pool
+        extra = options if isinstance(options, Mapping) else {}
+        params = {**self.get_connection_params(), "autocommit": True}  # as Django's pool connects
+        permit_class = _permit_connection_class(
+            extra.get("connection_class", Database.Connection), self.pool_config, params
+        )
+        settings_dict = self.settings_dict
+        # Django's property reads this wrapper's (per-thread) settings_dict: hand it ours for the call.
+        self.settings_dict = {
+            **settings_dict,
+            "OPTIONS": {**settings_dict["OPTIONS"], "pool": {**extra, "connection_class": permit_class}},
+        }
+        try:
+            pool = super().pool
+        finally:
+            self.settings_dict = settings_dict
+        if pool.connection_class is permit_class:
+            permit_class._owner = weakref.ref(pool)
+        return pool
 
     def close_pool(self) -> None:
         """Close this process's idle connections to this database (before DROP / CREATE ... TEMPLATE).
@@ -195,6 +231,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     def ensure_timezone(self) -> bool:
         # Pooled connections get the time zone at each checkout (init_connection_state),
         # so a TIME_ZONE change needs no reconnect.
+        if self.pool:
+            return super().ensure_timezone()
         if self.connection is None:
             return False
         return self._configure_timezone(self.connection)
@@ -202,6 +240,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     # -- health checks: a connection Django finds unusable is discarded, not pooled ----
 
     def close_if_health_check_failed(self) -> None:
+        if self.pool:
+            return super().close_if_health_check_failed()
         if self.connection is None or not self.health_check_enabled or self.health_check_done:
             return
         if not self.is_usable():
@@ -214,7 +254,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         # that every request boundary gives the connection back to the shared pool,
         # whatever CONN_MAX_AGE says: a worker keeping one between requests would starve
         # the others once workers outnumber the budget. CONN_MAX_AGE bounds the pooled
-        # connection's age instead (RECYCLE, config.py).
+        # connection's age instead (RECYCLE, config.py). Django's own pool keeps Django's logic.
+        if self.pool:
+            return super().close_if_unusable_or_obsolete()
         if self.connection is None:
             return
         self.health_check_done = False
@@ -235,6 +277,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     @async_unsafe
     def get_new_connection(self, conn_params: dict) -> Any:
+        if self.pool:
+            return super().get_new_connection(conn_params)
         options = self.settings_dict["OPTIONS"]
         set_isolation_level = False
         try:
@@ -259,8 +303,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                 connection.isolation_level = self.isolation_level
             elif connection.isolation_level is not None:
                 connection.isolation_level = None  # reused after raw code changed it
-            # Dummy loads() as in Django: no decode -> json.dumps() -> json.loads() round trip.
-            psycopg2.extras.register_default_jsonb(conn_or_curs=connection, loads=lambda x: x)
+            if DRIVER.name == "psycopg2":
+                # Dummy loads() as in Django: no decode -> json.dumps() -> json.loads() round trip.
+                Database.extras.register_default_jsonb(conn_or_curs=connection, loads=lambda x: x)
         except BaseException:
             pool.putconn(connection, discard=True)
             raise
@@ -296,7 +341,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
 
 def pool_for_alias(alias: str = DEFAULT_DB_ALIAS) -> LocalPool:
-    """Return the LocalPool of raw psycopg2 connections for a DATABASES alias using this ENGINE."""
+    """Return the LocalPool of raw driver connections for a DATABASES alias using this ENGINE."""
     from django.db import connections
 
     wrapper = connections[alias]
@@ -313,7 +358,8 @@ def close_pools(name: str | None = None) -> None:
 
     Runs in the worker, e.g. from a server's worker-exit hook or a test's
     teardown. Idle connections close now; connections still checked out close
-    when given back. A later checkout starts afresh.
+    when given back. A later checkout starts afresh. Django's own pools
+    (``OPTIONS["pool"]``) on the budget are closed too.
     """
     _give_back_orphans()
     with _pools_lock:
@@ -321,5 +367,89 @@ def close_pools(name: str | None = None) -> None:
         names = {key[1].name for key in keys}
         for key in keys:
             _pools.pop(key).close()
+    django_pools = postgresql.DatabaseWrapper._connection_pools
+    for alias, pool in list(django_pools.items()):
+        if issubclass(pool.connection_class, PermitConnection):
+            pool_name = pool.connection_class._local.config.name
+            if name is None or pool_name == name:
+                names.add(pool_name)
+                if django_pools.pop(alias, None) is pool:
+                    pool.close()
     for pool_name in names:
         close_all(pool_name)
+
+
+class PermitConnection:
+    """Mixin for psycopg's connection class: each connection holds a permit while it is open.
+
+    psycopg_pool opens connections with ``connection_class.connect()`` (in its
+    worker threads) and closes them with ``close()``: connect checks out of a
+    LocalPool of its own (permit, then connect with Django's params), close
+    gives back with discard (synchronous close, then the permit).
+    """
+
+    _local: LocalPool
+    _pool: Any = None  # psycopg_pool sets it on each connection it holds
+    _owner: "weakref.ref[Any] | None" = None  # the Django pool, once built
+    _permit_held = 0  # the pid of the process holding this connection's permit
+
+    @classmethod
+    def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
+        """Take a permit (waiting up to TIMEOUT) and connect with the Django pool's params.
+
+        The wait goes in slices so that a pool closed meanwhile (its workers
+        joined for 5 s at most) stops waiting for a permit it no longer needs.
+        """
+        local = cls._local
+        deadline = time.monotonic() + local.config.timeout
+        while True:
+            try:
+                conn = local.getconn(timeout=min(PERMIT_WAIT_SLICE, max(deadline - time.monotonic(), 0.0)))
+                break
+            except PoolTimeout as err:
+                owner = cls._owner and cls._owner()
+                if owner is None or owner.closed:
+                    raise
+                if time.monotonic() >= deadline:
+                    raise PoolTimeout(f"{err}; tried for TIMEOUT ({local.config.timeout:.1f} s)") from None
+        conn._permit_held = os.getpid()
+        return conn
+
+    def close(self) -> None:
+        if self._permit_held != os.getpid() or getattr(self._pool, "close_returns", False):
+            # Not ours to give back (a child dropping an inherited connection:
+            # its socket already points at /dev/null), or psycopg's own return
+            # to a pool that asks for it.
+            self._permit_held = 0
+            return super().close()
+        self._permit_held = 0
+        self._local.putconn(self, discard=True)  # closes synchronously (back here), then posts the permit
+
+
+def _permit_connection_class(base: type, config: Any, params: Mapping[str, Any]) -> type:
+    """Make the connection class of one Django pool: ``base`` with permits, on its own LocalPool."""
+    cls = type(f"PermitConnection[{base.__name__}]", (PermitConnection, base), {})
+    cls._local = LocalPool(config, connect=super(PermitConnection, cls).connect, **params)
+    return cls
+
+
+PERMIT_WAIT_SLICE = 0.2  # seconds; how soon a closed Django pool's worker stops waiting for a permit
+
+
+_inherited_pools: list[Any] = []
+
+
+def _forget_django_pools_after_fork() -> None:
+    """Child after fork: drop Django pools of permit connections (their threads stayed in the parent).
+
+    Their connections were already dropped without I/O with the LocalPools;
+    the pool objects stay referenced so that no finaliser touches their
+    locks, and the next checkout builds a pool in this process.
+    """
+    pools = postgresql.DatabaseWrapper._connection_pools
+    for alias, pool in list(pools.items()):
+        if issubclass(pool.connection_class, PermitConnection):
+            _inherited_pools.append(pools.pop(alias))
+
+
+forksafe.register(_forget_django_pools_after_fork)

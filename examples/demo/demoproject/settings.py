@@ -10,7 +10,7 @@ import os
 import sys
 from urllib.parse import unquote, urlsplit
 
-# Both runs use psycopg2, the driver of sharedpool's ENGINE (Django prefers psycopg 3 when importable).
+# Both runs on the same driver, psycopg2 (Django, and so DRIVER=auto, prefer psycopg 3 when importable).
 sys.modules.setdefault("psycopg", None)
 
 SECRET_KEY = "demo-not-secret"
