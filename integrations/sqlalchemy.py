@@ -39,6 +39,7 @@ of the parent's.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -67,14 +68,17 @@ class SharedPool(Pool):
         **kw: Any,
     ) -> None:
         super().__init__(creator, **kw)
-        self._config = _pool_config(sharedpool)
+        dialect = kw.get("dialect")
+        config = _pool_config(sharedpool)
+        if config.driver == "auto" and getattr(dialect, "driver", None) in ("psycopg", "psycopg2"):
+            config = dataclasses.replace(config, driver=dialect.driver)  # the engine's driver, not the default
+        self._config = config
         # connections reach SQLAlchemy's records from the LocalPool, never from the creator directly
         self._open_raw = self._invoke_creator
         self._invoke_creator = self._take_for_record
         self._local = _local if _local is not None else LocalPool(self._config, connect=self._open)
         self._records: dict[int, ConnectionPoolEntry] = {}  # id(DBAPI connection) -> its entry
         self._handoff = threading.local()
-        dialect = kw.get("dialect")
         if dialect is not None and hasattr(dialect, "dispatch"):
             event.listen(dialect, "do_connect", _add_server_options)  # once per dialect: same function
 

@@ -108,7 +108,7 @@ from sharedpool.integrations.servers import make_psycopg2_green
 make_psycopg2_green()
 name, dsn = sys.argv[1], sys.argv[2]
 pool = LocalPool(PoolConfig(name=name, pool_size=1, check_interval=None, reclaim_grace=0.5, timeout=20,
-                            autostart=False), dsn)
+                            autostart=False, driver="psycopg2"), dsn)
 started = time.monotonic()
 try:
     with gevent.Timeout(0.3):

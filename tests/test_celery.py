@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from devtools.pgcluster import free_port  # noqa: E402
 from sharedpool import channel  # noqa: E402
 from sharedpool.coordinator.status import snapshot_dict  # noqa: E402
 from sharedpool.ledger import Ledger  # noqa: E402
+from sharedpool.names import CONTROL_SOCKET, PoolNames  # noqa: E402
 from helpers_procs import PeakSampler, backends, process_gone, sem_free, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -177,8 +179,7 @@ def test_main_process_reports_a_killed_child_at_once(transport, broker, dsn, uni
     broker has none, so billiard's own pool and supervisor thread reap the child.
     """
     make_ledger(2)
-    listener = channel.bind(channel.coordinator_address(unique_name))
-    listener.settimeout(10.0)
+    listener = channel.Inbox(PoolNames(unique_name), CONTROL_SOCKET, None, os.geteuid())  # posing as the coordinator
     env = {"SHAREDPOOL_AUTOSTART": "0"}
     if transport == "filesystem":
         (tmp_path / "queue").mkdir()
@@ -189,7 +190,8 @@ def test_main_process_reports_a_killed_child_at_once(transport, broker, dsn, uni
         child, _ = worker.hold(0).get(timeout=60)
         os.kill(child, signal.SIGKILL)
         killed = time.monotonic()
-        message = listener.recv(256)
+        assert select.select([listener], [], [], 10.0)[0], "no exit notice within 10 s"
+        message = listener.receive()[0]
         noticed = time.monotonic() - killed
         assert message == f"exit {child}".encode()
         worker.hold(0).get(timeout=60)  # billiard replaced the child; the pool still serves

@@ -112,7 +112,7 @@ def test_checkout_uses_the_driver_and_the_server_options(make_pool, dsn, driver)
     assert type(conn).__module__.split(".")[0] == driver
     assert query(conn, "SHOW client_connection_check_interval") == "100ms"
     pid = conn.info.backend_pid
-    assert pid in list(pool.budget.slot.backends)  # recorded for the coordinator's reclaim
+    assert pid in list(pool.budget.gate.account.backends)  # recorded for the coordinator's reclaim
     assert server_pids(dsn, pool.config.name) == {pid}
     pool.putconn(conn)
 

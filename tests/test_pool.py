@@ -310,4 +310,5 @@ def test_threads_share_connections_without_reconnecting_when_the_budget_is_short
     finish(holder)
     assert not errors
     assert sampler.peak <= 4
-    assert pool.get_stats()["connections_num"] == 2  # handed between threads, never reopened
+    # on the server: the holder's 2 backends and our 2, handed between threads, never reopened
+    assert len(sampler.seen) == 4, sampler.seen

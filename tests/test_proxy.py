@@ -128,7 +128,7 @@ def test_pool_connects_through_pgbouncer_and_sets_the_check_interval(pool_throug
     conns = [pool.getconn(), pool.getconn()]
     try:
         for conn in conns:
-            assert conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE  # the SET committed
+            assert conn.info.transaction_status == 0  # idle: the SET committed
             with conn.cursor() as cur:
                 cur.execute("SELECT current_setting('client_connection_check_interval'), current_setting('application_name')")
                 assert cur.fetchone() == ("100ms", f"sharedpool/{unique_name}")
