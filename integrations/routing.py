@@ -1,0 +1,159 @@
+"""Send work to the workers that hold connections: a worker without one defers accepting.
+
+Runs in a prefork server's workers (installed by the gunicorn hooks after
+fork); the board it shares is created once in the master, before any fork.
+
+With more workers than permits, a request that lands in a worker holding no
+connection must wait for a permit to move (a holder closes one, this worker
+opens one), while a worker holding an idle connection could serve it at once.
+So before each ``accept`` a worker holding no connection of any pool looks at
+the ledger and at the board:
+
+- a permit is free, or no other worker holds one: accept at once;
+- another worker holds an idle connection: defer (it will take the request
+  within a millisecond), for at most IDLE_GRACE in a row;
+- the holders are all busy but one of them came back for work within
+  READY_WINDOW: defer, the holders are draining the queue in order;
+- otherwise (every holder is stuck in a long request): accept, and wait for
+  the first holder to finish plus one connect, as before.
+
+Deferring means sleeping DEFER_POLL and reporting "nothing to accept"; the
+server's loop then waits on the listener again, so nothing is lost and a
+deferring worker costs a ledger scan per DEFER_POLL while a queue exists.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sharedpool.config import PoolConfig
+from sharedpool.ledger import SLOT_ACTIVE
+
+log = logging.getLogger("sharedpool.integrations.routing")
+
+DEFER_POLL = 0.002  # seconds a deferring worker sleeps before it looks again
+IDLE_GRACE = 0.05  # seconds at most a worker defers in a row to a holder whose connection is idle
+READY_WINDOW = 0.05  # seconds since a holder last came back for work during which others keep deferring
+STREAK_GAP = 5 * DEFER_POLL  # a pause longer than this between two deferrals starts a new streak
+
+
+class Board:
+    """A few shared numbers for all workers of one server: an anonymous shared mapping.
+
+    Create it in the master before the workers fork; they inherit it. It is
+    never named, so nothing outlives the processes.
+    """
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_SHARED)
+        # monotonic time a connection-holding worker last went to accept (CLOCK_MONOTONIC is system-wide)
+        self.holder_ready = ctypes.c_double.from_buffer(self._map, 0)
+        self.deferrals = ctypes.c_uint64.from_buffer(self._map, 8)  # counted for tests and the bench
+        self.accepted_while_held = ctypes.c_uint64.from_buffer(self._map, 16)  # connectionless accepts
+
+
+class Router:
+    """Decide, in one worker, whether to accept now or leave the request to a holder."""
+
+    def __init__(self, configs: Sequence[PoolConfig], board: Board, *, holders_ready_only_when_idle: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.configs = list(configs)
+        self.board = board
+        self.holders_ready_only_when_idle = holders_ready_only_when_idle
+        self.clock = clock
+        self._budgets: list[Any] = []
+        self._streak_start = 0.0
+        self._last_deferral = -1.0
+        self.pid = os.getpid()
+
+    def _budget_list(self) -> list[Any]:
+        from sharedpool.pool import ProcessBudget
+
+        if not self._budgets or any(b.closed for b in self._budgets):
+            self._budgets = [ProcessBudget.for_config(c) for c in self.configs]
+        return self._budgets
+
+    def should_defer(self) -> bool:
+        """Tell whether this worker should leave the waiting request to a worker holding a connection."""
+        now = self.clock()
+        try:
+            budgets = self._budget_list()
+            if any(b.open for b in budgets):
+                if not self.holders_ready_only_when_idle or any(b.idle for b in budgets):
+                    self.board.holder_ready.value = now
+                return False
+            idle_elsewhere = held_elsewhere = False
+            for budget in budgets:
+                if not budget.pid:
+                    budget.ensure_ready()  # registers this worker, as its first request would
+                ledger = budget.ledger
+                if ledger.sem.value > 0:
+                    return False  # a free permit: opening a connection takes nobody's
+                held, idle = _held_and_idle_elsewhere(ledger, self.pid)
+                held_elsewhere |= held
+                idle_elsewhere |= idle
+        except Exception as exc:  # noqa: BLE001 - routing is an optimisation: never fail a request for it
+            log.debug("sharedpool: routing check failed (%s: %s); accepting", type(exc).__name__, exc)
+            return False
+        if not held_elsewhere:
+            return False
+        if now - self._last_deferral > STREAK_GAP:
+            self._streak_start = now
+        defer = (idle_elsewhere and now - self._streak_start < IDLE_GRACE) or (
+            now - self.board.holder_ready.value < READY_WINDOW
+        )
+        if defer:
+            self._last_deferral = now
+            self.board.deferrals.value += 1
+        else:
+            self._last_deferral = -1.0
+            self.board.accepted_while_held.value += 1
+        return defer
+
+
+def _held_and_idle_elsewhere(ledger: Any, own_pid: int) -> tuple[bool, bool]:
+    """Tell whether other workers hold permits, and idle connections (one pass, no copies)."""
+    slots = ledger.slots
+    held = idle = False
+    for index in range(ledger.header.slot_hwm):
+        slot = slots[index]
+        if slot.state == SLOT_ACTIVE and slot.pid != own_pid and slot.held:
+            held = True
+            if slot.idle:
+                return True, True
+    return held, idle
+
+
+def deferring_accept(accept: Callable[..., Any], router: Router) -> Callable[..., Any]:
+    """Wrap a worker's ``accept(listener)``: defer by sleeping and raising EAGAIN, as an empty queue would.
+
+    gunicorn's sync worker treats EAGAIN as "no client waiting" and returns to
+    ``select``; the gthread worker catches it inside its own ``accept``, so
+    the gthread hook passes ``raise_eagain=False`` through ``deferring_callback``.
+    """
+
+    def wrapped(*args: Any) -> Any:
+        if router.should_defer():
+            time.sleep(DEFER_POLL)
+            raise BlockingIOError(errno.EAGAIN, "sharedpool: deferred to a worker holding a connection")
+        return accept(*args)
+
+    return wrapped
+
+
+def deferring_callback(accept: Callable[..., Any], router: Router) -> Callable[..., Any]:
+    """Wrap a poller callback ``accept(listener)``: defer by sleeping and returning without accepting."""
+
+    def wrapped(*args: Any) -> Any:
+        if router.should_defer():
+            time.sleep(DEFER_POLL)
+            return None
+        return accept(*args)
+
+    return wrapped
