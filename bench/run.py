@@ -46,6 +46,7 @@ WRK_SCRIPT = os.path.join(BENCH_DIR, "wrk", "report.lua")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from devtools.pgbouncer import PgBouncer, find_pgbouncer  # noqa: E402
 from devtools.pgcluster import free_port  # noqa: E402
 
 STRATEGIES = ["direct", "persistent", "djdbpool", "pgbouncer", "pgbouncer-session", "sharedpool",
@@ -306,68 +307,6 @@ def group_alive(pgid: int) -> bool:
         return True
 
 
-class PgBouncer:
-    def __init__(self, server: Server, budget: int, workdir: str, pool_mode: str = "transaction"):
-        self.port = free_port()
-        self.dir = os.path.join(workdir, "pgbouncer")
-        os.makedirs(self.dir, exist_ok=True)
-        self.ini = os.path.join(self.dir, "pgbouncer.ini")
-        self.logfile = os.path.join(self.dir, "pgbouncer.log")
-        pw = f" password={server.password}" if server.password else ""
-        conf = f"""[databases]
-{DB_NAME} = host={server.host} port={server.port} dbname={DB_NAME} user={server.user}{pw}
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {self.port}
-unix_socket_dir =
-auth_type = any
-pool_mode = {pool_mode}
-default_pool_size = {budget}
-max_db_connections = {budget}
-min_pool_size = 0
-reserve_pool_size = 0
-max_client_conn = 2000
-ignore_startup_parameters = extra_float_digits,options
-logfile = {self.logfile}
-pidfile =
-log_connections = 0
-log_disconnections = 0
-"""
-        with open(self.ini, "w") as f:
-            f.write(conf)
-        argv = [shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", self.ini]
-        kw = {}
-        if os.geteuid() == 0:  # pgbouncer refuses to run as root
-            import pwd
-            pwent = pwd.getpwnam("postgres")
-            for p in (workdir, self.dir, self.ini):
-                os.chown(p, pwent.pw_uid, pwent.pw_gid)
-            kw = dict(user=pwent.pw_uid, group=pwent.pw_gid, extra_groups=[])
-        self.argv = argv
-        self.conf = conf
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True, **kw)
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"pgbouncer did not start:\n{self.log_tail()}")
-            time.sleep(0.05)
-
-    def log_tail(self, n: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            with open(self.logfile, errors="replace") as f:
-                return "".join(f.readlines()[-n:])
-        return "(no log)"
-
-    def stop(self) -> None:
-        # SIGINT: safe shutdown would wait for clients; gunicorn is gone by now.
-        stop_group(self.proc, signal.SIGTERM, grace=5)
-
-
 def http_get(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -574,8 +513,7 @@ def run_one(ctx: dict, scenario: str, view: str, paths: str, strategy: str, rep:
     }
     if strategy.startswith("sharedpool") and not ctx["sharedpool_ok"]:
         raise Skip(ctx["sharedpool_reason"])
-    if strategy in POOL_MODES and not shutil.which("pgbouncer") and not os.path.exists(
-            "/usr/sbin/pgbouncer"):
+    if strategy in POOL_MODES and not find_pgbouncer():
         raise Skip("pgbouncer not installed (bench/setup.sh installs it)")
 
     workdir = tempfile.mkdtemp(prefix="sharedpool-bench-")
@@ -589,7 +527,8 @@ def run_one(ctx: dict, scenario: str, view: str, paths: str, strategy: str, rep:
         log_off = server.log_offset()  # the exact peak covers the run from here on
         db_host, db_port = server.host, server.port
         if strategy in POOL_MODES:
-            bouncer = PgBouncer(server, budget, workdir, POOL_MODES[strategy])
+            bouncer = PgBouncer(server.host, server.port, server.user, server.password, DB_NAME, budget,
+                                workdir, POOL_MODES[strategy])
             db_host, db_port = "127.0.0.1", bouncer.port
             rec["pgbouncer"] = {"pool_mode": POOL_MODES[strategy], "default_pool_size": budget,
                                 "max_db_connections": budget, "version": ctx["versions"].get(

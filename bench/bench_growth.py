@@ -1,0 +1,480 @@
+"""How sharedpool's costs grow with the number of worker processes.
+
+    .venv/bin/python bench/bench_growth.py [--parts hotpath,coordinator,reclaim,memory,many]
+                                           [--workers 8,64,256] [--seconds 5] [--dsn DSN]
+
+Parts (each prints its figures and appends one JSON line to bench/results/growth.jsonl):
+
+hotpath      with N other worker processes registered in the ledger: warm
+             checkout + return through LocalPool (one warm connection) and
+             permit try_acquire + release through the gate, median of
+             interleaved rounds; also one victim choice (a waiter's ledger
+             scan, off the hot path) for scale.
+coordinator  the coordinator's CPU (utime + stime from /proc) per second of
+             wall time with N registered workers, idle, then under churn: 10 %
+             of the workers replaced every second and every worker taking and
+             releasing a permit 20 times a second.
+reclaim      64 workers each holding an open pooled connection are SIGKILLed
+             at once; the time from the kill to each permit's return (p50,
+             p99, last), the time the last backend left the server, and
+             whether free permits ever ran ahead of the backends that left.
+memory       per worker: the ledger slot (bytes of shared memory) and the
+             private memory (USS, /proc/self/smaps_rollup) a worker gains by
+             registering (listener thread and socket, mapping) and by opening
+             one connection.
+many         gunicorn, 200 sync workers on a budget of 100 (pool_app from
+             tests/apps, --preload), 250 wrk connections for --seconds:
+             requests served, errors, server-side peak (pg_stat_activity
+             every 10 ms).
+
+Workers are forked from this process after it imported sharedpool (as a
+prefork server does). PostgreSQL: --dsn / DATABASE_URL, else a throwaway
+cluster with max_connections 400. Every process and IPC object is removed.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import psycopg2  # noqa: E402
+
+from sharedpool import LocalPool, PoolConfig  # noqa: E402
+from sharedpool.ledger import Ledger, Slot, proc_stat  # noqa: E402
+from sharedpool.permits import PermitGate  # noqa: E402
+from tests.helpers_procs import CoordinatorProc  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "bench", "results", "growth.jsonl")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SLOTS = 512
+
+
+# -- forked workers ------------------------------------------------------------------------------
+
+
+class Workers:
+    """Forked worker processes of one pool; each runs ``body(ready_fd)`` and exits when told."""
+
+    def __init__(self) -> None:
+        self.pids: list[int] = []
+        self._release_w: dict[int, int] = {}
+
+    def start(self, body: Callable[[], None], count: int, timeout: float = 60.0) -> None:
+        """Fork ``count`` workers; return once each has run ``body`` (registered, connected...)."""
+        readies = []
+        for _ in range(count):
+            ready_r, ready_w = os.pipe()
+            release_r, release_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the worker
+                code = 0
+                try:
+                    os.close(ready_r)
+                    os.close(release_w)
+                    for fd in [*self._release_w.values(), *readies]:
+                        os.close(fd)  # siblings' pipes: a copy here would keep them from ever seeing EOF
+                    body()
+                    os.write(ready_w, b"r")
+                    os.read(release_r, 1)  # until told (or the parent dies)
+                    from sharedpool.pool import close_all
+
+                    close_all()
+                except BaseException:  # noqa: BLE001 - report by exit status
+                    import traceback
+
+                    traceback.print_exc()
+                    code = 1
+                finally:
+                    os._exit(code)
+            os.close(ready_w)
+            os.close(release_r)
+            self.pids.append(pid)
+            self._release_w[pid] = release_w
+            readies.append(ready_r)
+        deadline = time.monotonic() + timeout
+        for fd in readies:
+            ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+            if not ready or os.read(fd, 1) != b"r":
+                raise RuntimeError("a worker failed to start (see its traceback above)")
+            os.close(fd)
+
+    def stop(self, pid: int) -> None:
+        """Let one worker exit normally and reap it."""
+        os.close(self._release_w.pop(pid))
+        os.waitpid(pid, 0)
+        self.pids.remove(pid)
+
+    def kill_all(self) -> float:
+        """SIGKILL every worker at once; return the monotonic time of the first kill."""
+        t0 = time.monotonic()
+        for pid in self.pids:
+            os.kill(pid, signal.SIGKILL)
+        for pid in self.pids:
+            os.waitpid(pid, 0)
+            os.close(self._release_w.pop(pid))
+        self.pids.clear()
+        return t0
+
+    def close(self) -> None:
+        for pid in list(self.pids):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            with contextlib.suppress(OSError):
+                os.close(self._release_w.pop(pid))
+        self.pids.clear()
+
+
+@contextlib.contextmanager
+def pool(name: str, budget: int) -> Iterator[CoordinatorProc]:
+    coordinator = CoordinatorProc(name, budget, "--slots", str(SLOTS))
+    try:
+        yield coordinator
+    finally:
+        coordinator.close()
+        from sharedpool.ledger import unlink
+
+        unlink(name)
+
+
+def registering(name: str) -> Callable[[], None]:
+    def body() -> None:
+        global _gate
+        _gate = PermitGate(Ledger.attach(name))
+        _gate.register()
+
+    return body
+
+
+_gate: PermitGate | None = None  # a worker's own gate (set after fork)
+_pool: LocalPool | None = None
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = proc_stat(pid)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def per_op_us(fn: Callable[[int], None], ops: int) -> float:
+    start = time.perf_counter_ns()
+    fn(ops)
+    return (time.perf_counter_ns() - start) / ops / 1000
+
+
+def record(part: str, data: dict) -> None:
+    line = {"bench": "growth", "part": part, **data, "python": platform.python_version(),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join([os.path.relpath(sys.executable, ROOT), *sys.argv])}
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+# -- parts ---------------------------------------------------------------------------------------
+
+
+def part_hotpath(dsn: str, counts: list[int], rounds: int = 15, ops: int = 20000) -> dict:
+    from sharedpool.pressure import choose_victim
+
+    out = {}
+    for n in counts:
+        name = f"growth{os.getpid()}h{n}"
+        workers = Workers()
+        with pool(name, 8):
+            try:
+                workers.start(registering(name), n)
+                local = LocalPool(PoolConfig(name=name, pool_size=8), dsn)
+                local.putconn(local.getconn())  # one warm connection
+                gate = local.budget.gate
+                getconn, putconn = local.getconn, local.putconn
+
+                def checkout(k: int) -> None:
+                    for _ in range(k):
+                        putconn(getconn())
+
+                def permit(k: int) -> None:
+                    acquire, release = gate.try_acquire, gate.release
+                    for _ in range(k):
+                        acquire()
+                        release()
+
+                def victim(k: int) -> None:
+                    ledger, own = local.budget.ledger, gate.slot_index
+                    for _ in range(k):
+                        choose_victim(ledger, own)
+
+                runs: dict[str, list[float]] = {"checkout_us": [], "permit_us": [], "victim_scan_us": []}
+                for _ in range(rounds):  # interleaved rounds
+                    runs["checkout_us"].append(per_op_us(checkout, ops))
+                    runs["permit_us"].append(per_op_us(permit, ops))
+                    runs["victim_scan_us"].append(per_op_us(victim, max(ops // 20, 100)))
+                local.close()
+                local.budget.close()
+            finally:
+                workers.close()
+        out[n] = {k: {"median": round(statistics.median(v), 3), "min": round(min(v), 3),
+                      "max": round(max(v), 3)} for k, v in runs.items()}
+        print(f"hotpath, {n:>3} workers registered: checkout+return {out[n]['checkout_us']['median']:.2f} us, "
+              f"permit acquire+release {out[n]['permit_us']['median']:.2f} us, "
+              f"victim choice (waiters only) {out[n]['victim_scan_us']['median']:.1f} us", flush=True)
+    record("hotpath", {"rounds": rounds, "ops": ops, "results": out})
+    return out
+
+
+def part_coordinator(counts: list[int], seconds: float) -> dict:
+    out = {}
+    for n in counts:
+        name = f"growth{os.getpid()}c{n}"
+        workers = Workers()
+        budget = max(n // 2, 1)
+        with pool(name, budget) as coordinator:
+            try:
+                workers.start(registering(name), n)
+                time.sleep(1.0)  # registrations settle
+                c0, t0 = cpu_seconds(coordinator.pid), time.monotonic()
+                time.sleep(seconds)
+                idle = (cpu_seconds(coordinator.pid) - c0) / (time.monotonic() - t0)
+                workers.close()
+
+                def churning() -> None:
+                    registering(name)()
+                    threading.Thread(target=_permit_churn, daemon=True).start()
+
+                workers = Workers()
+                workers.start(churning, n)
+                replaced = 0
+                c0, t0 = cpu_seconds(coordinator.pid), time.monotonic()
+                while time.monotonic() - t0 < seconds:
+                    tick = time.monotonic()
+                    for pid in workers.pids[: max(n // 10, 1)]:
+                        workers.stop(pid)
+                        replaced += 1
+                    workers.start(churning, max(n // 10, 1))
+                    time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
+                churn = (cpu_seconds(coordinator.pid) - c0) / (time.monotonic() - t0)
+            finally:
+                workers.close()
+        out[n] = {"idle_cpu_per_s": round(idle, 4), "churn_cpu_per_s": round(churn, 4),
+                  "replaced_per_s": round(replaced / seconds, 1)}
+        print(f"coordinator, {n:>3} workers: CPU {idle * 100:.2f} % idle, {churn * 100:.2f} % under churn "
+              f"({replaced / seconds:.0f} workers replaced/s, each taking and releasing a permit 20/s)",
+              flush=True)
+    record("coordinator", {"seconds": seconds, "results": out})
+    return out
+
+
+def _permit_churn() -> None:
+    """In a worker: take and release a permit 20 times a second (an idle server's trickle)."""
+    while True:
+        if _gate.try_acquire():
+            time.sleep(0.001)
+            _gate.release()
+        time.sleep(0.05)
+
+
+def part_reclaim(dsn: str, n: int = 64, budget: int = 64) -> dict:
+    name = f"growth{os.getpid()}r"
+    app = f"sharedpool/{name}"
+    workers = Workers()
+
+    def holding() -> None:
+        global _pool
+        _pool = LocalPool(PoolConfig(name=name, pool_size=budget), dsn)
+        conn = _pool.getconn()
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+        conn.commit()  # idle in the server, checked out in the worker
+
+    probe = psycopg2.connect(dsn, application_name="growth-probe")
+    probe.autocommit = True
+
+    def backends() -> int:
+        with probe.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app,))
+            return cur.fetchone()[0]
+
+    with pool(name, budget):
+        ledger = Ledger.attach(name)
+        try:
+            workers.start(holding, n)
+            assert ledger.sem.value == budget - n and backends() == n, (ledger.sem.value, backends())
+            series_backends: list[tuple[float, int]] = []
+            done = threading.Event()
+
+            def watch_backends() -> None:
+                while not done.is_set():
+                    series_backends.append((time.monotonic(), backends()))
+
+            watcher = threading.Thread(target=watch_backends, daemon=True)
+            t_kill = workers.kill_all()
+            watcher.start()
+            returns: list[float] = []
+            last_free, free_seen = ledger.sem.value, []
+            deadline = t_kill + 10
+            while len(returns) < n and time.monotonic() < deadline:
+                free = ledger.sem.value
+                now = time.monotonic()
+                if free > last_free:
+                    returns += [now - t_kill] * (free - last_free)
+                    free_seen.append((now, free))
+                    last_free = free
+                time.sleep(0.0005)
+            done.set()
+            watcher.join()
+        finally:
+            workers.close()
+            ledger.close()
+            probe.close()
+    returns.sort()
+    gone = next((t - t_kill for t, b in series_backends if b == 0), None)
+    # free permits must never run ahead of the backends that left: free <= budget - backends still there
+    ahead = 0
+    for t, free in free_seen:
+        before = [b for tb, b in series_backends if tb <= t]
+        if before and free > budget - before[-1]:
+            ahead += 1
+    result = {
+        "workers_killed": n, "budget": budget, "permits_back": len(returns),
+        "p50_ms": round(statistics.median(returns) * 1000, 1) if returns else None,
+        "p99_ms": round(returns[min(len(returns) - 1, int(len(returns) * 0.99))] * 1000, 1) if returns else None,
+        "last_ms": round(returns[-1] * 1000, 1) if returns else None,
+        "backends_gone_ms": None if gone is None else round(gone * 1000, 1),
+        "free_ahead_of_backends_samples": ahead,
+    }
+    print(f"reclaim, {n} workers SIGKILLed at once: {len(returns)}/{n} permits back, p50 {result['p50_ms']} ms, "
+          f"p99 {result['p99_ms']} ms, last {result['last_ms']} ms; last backend gone from the server after "
+          f"{result['backends_gone_ms']} ms; free permits ahead of departed backends: {ahead} samples", flush=True)
+    record("reclaim", result)
+    return result
+
+
+def _uss_kb() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith(("Private_Clean", "Private_Dirty")))
+
+
+def part_memory(dsn: str) -> dict:
+    name = f"growth{os.getpid()}m"
+    r, w = os.pipe()
+
+    def measure() -> None:
+        before = _uss_kb()
+        local = LocalPool(PoolConfig(name=name, pool_size=4), dsn)
+        local.budget.ensure_ready()
+        registered = _uss_kb()
+        local.putconn(local.getconn())
+        connected = _uss_kb()
+        os.write(w, json.dumps({"register_kb": registered - before, "connection_kb": connected - registered}).encode())
+
+    workers = Workers()
+    with pool(name, 4):
+        try:
+            workers.start(measure, 1)
+            data = json.loads(os.read(r, 4096))
+        finally:
+            workers.close()
+            os.close(r)
+            os.close(w)
+    import ctypes
+
+    result = {"slot_bytes": ctypes.sizeof(Slot), **data}
+    print(f"memory per worker: ledger slot {result['slot_bytes']} B shared; registering adds "
+          f"{data['register_kb']} kB private (listener thread, socket, mapping); one connection "
+          f"{data['connection_kb']} kB (libpq)", flush=True)
+    record("memory", result)
+    return result
+
+
+def part_many(dsn: str, seconds: float, workers: int = 200, budget: int = 100, clients: int = 250) -> dict:
+    from apps.loadtools import Load, stop_server, wait_http
+    from devtools.pgcluster import free_port
+    from helpers_procs import PeakSampler
+
+    name = f"growth{os.getpid()}n"
+    port = free_port()
+    env = {**os.environ, "TEST_DSN": dsn, "SHAREDPOOL_NAME": name, "SHAREDPOOL_POOL_SIZE": str(budget),
+           "SHAREDPOOL_TIMEOUT": "60",
+           "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "tests", "apps"), ROOT])}
+    cmd = [sys.executable, "-m", "gunicorn", "-c", "python:sharedpool.integrations.gunicorn", "--preload",
+           "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--backlog", "2048", "--timeout", "120",
+           "--log-level", "warning", "--no-control-socket", "pool_app:application"]
+    log = open(os.path.join(ROOT, "bench", "results", "growth-many-gunicorn.log"), "wb")
+    proc = subprocess.Popen(cmd, cwd=os.path.join(ROOT, "tests", "apps"), env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    wrk = shutil.which("wrk")
+    try:
+        wait_http(port, process=proc, timeout=120)
+        with PeakSampler(dsn, name) as sampler:
+            if wrk:
+                out = subprocess.run([wrk, "-t", "2", "-c", str(clients), "-d", f"{int(seconds)}s",
+                                      "--timeout", "60s", f"http://127.0.0.1:{port}/sleep?ms=20"],
+                                     capture_output=True, text=True).stdout
+                served = int(next(l for l in out.splitlines() if "requests in" in l).split()[0])
+                errors = sum(int(x) for l in out.splitlines() if "Non-2xx" in l for x in l.split()[-1:])
+                load_text = out
+            else:
+                load = Load(port, "/sleep?ms=20", clients).start()
+                time.sleep(seconds)
+                load.stop()
+                served, errors = load.statuses.get(200, 0), sum(v for k, v in load.statuses.items() if k != 200)
+                load_text = load.summary()
+            peak = sampler.stop()
+    finally:
+        stop_server(proc)
+        log.close()
+    result = {"workers": workers, "budget": budget, "clients": clients, "seconds": seconds,
+              "served": served, "errors": errors, "server_peak": peak,
+              "command": " ".join(cmd), "load": "wrk" if wrk else "python threads"}
+    print(f"many: {workers} gunicorn workers, budget {budget}, {clients} clients for {seconds:.0f} s: "
+          f"{served} requests, {errors} errors, server peak {peak}\n{load_text}", flush=True)
+    record("many", result)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default="hotpath,coordinator,reclaim,memory,many")
+    parser.add_argument("--workers", default="8,64,256", help="registered worker counts (hotpath, coordinator)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each timed phase")
+    parser.add_argument("--dsn", default=os.environ.get("DATABASE_URL"))
+    args = parser.parse_args()
+    counts = [int(x) for x in args.workers.split(",")]
+    parts = args.parts.split(",")
+    with contextlib.ExitStack() as stack:
+        dsn = args.dsn
+        if not dsn:
+            from devtools.pgcluster import TempCluster
+
+            dsn = stack.enter_context(TempCluster(settings={"max_connections": 400})).dsn
+        if "hotpath" in parts:
+            part_hotpath(dsn, counts)
+        if "coordinator" in parts:
+            part_coordinator(counts, args.seconds)
+        if "reclaim" in parts:
+            part_reclaim(dsn)
+        if "memory" in parts:
+            part_memory(dsn)
+        if "many" in parts:
+            part_many(dsn, max(args.seconds, 5.0))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
