@@ -23,7 +23,7 @@ memory       per worker: the ledger slot (bytes of shared memory) and the
              registering (listener thread and socket, mapping) and by opening
              one connection.
 many         gunicorn, 200 sync workers on a budget of 100 (pool_app from
-             tests/apps, --preload), 250 wrk connections for --seconds:
+             tests/apps, --preload), 250 wrk connections on a 200 ms query for --seconds:
              requests served, errors, server-side peak (pg_stat_activity
              every 10 ms).
 
@@ -316,37 +316,45 @@ def part_reclaim(dsn: str, n: int = 64, budget: int = 64) -> dict:
             workers.start(holding, n)
             assert ledger.sem.value == budget - n and backends() == n, (ledger.sem.value, backends())
             series_backends: list[tuple[float, int]] = []
+            series_free: list[tuple[float, int]] = [(time.monotonic(), ledger.sem.value)]
             done = threading.Event()
 
             def watch_backends() -> None:
                 while not done.is_set():
                     series_backends.append((time.monotonic(), backends()))
 
-            watcher = threading.Thread(target=watch_backends, daemon=True)
+            def watch_permits() -> None:
+                while not done.is_set():
+                    free = ledger.sem.value
+                    if free != series_free[-1][1]:
+                        series_free.append((time.monotonic(), free))
+                    time.sleep(0.0002)
+
+            watchers = [threading.Thread(target=f, daemon=True) for f in (watch_backends, watch_permits)]
+            for thread in watchers:
+                thread.start()
             t_kill = workers.kill_all()
-            watcher.start()
-            returns: list[float] = []
-            last_free, free_seen = ledger.sem.value, []
             deadline = t_kill + 10
-            while len(returns) < n and time.monotonic() < deadline:
-                free = ledger.sem.value
-                now = time.monotonic()
-                if free > last_free:
-                    returns += [now - t_kill] * (free - last_free)
-                    free_seen.append((now, free))
-                    last_free = free
-                time.sleep(0.0005)
+            while series_free[-1][1] < budget and time.monotonic() < deadline:
+                time.sleep(0.01)
             done.set()
-            watcher.join()
+            for thread in watchers:
+                thread.join()
+            returns: list[float] = []
+            last = series_free[0][1]
+            for t, free in series_free[1:]:
+                returns += [t - t_kill] * max(free - last, 0)
+                last = free
         finally:
             workers.close()
             ledger.close()
             probe.close()
     returns.sort()
     gone = next((t - t_kill for t, b in series_backends if b == 0), None)
+    half_gone = next((t - t_kill for t, b in series_backends if t > t_kill and b <= n // 2), None)
     # free permits must never run ahead of the backends that left: free <= budget - backends still there
     ahead = 0
-    for t, free in free_seen:
+    for t, free in series_free:
         before = [b for tb, b in series_backends if tb <= t]
         if before and free > budget - before[-1]:
             ahead += 1
@@ -356,11 +364,12 @@ def part_reclaim(dsn: str, n: int = 64, budget: int = 64) -> dict:
         "p99_ms": round(returns[min(len(returns) - 1, int(len(returns) * 0.99))] * 1000, 1) if returns else None,
         "last_ms": round(returns[-1] * 1000, 1) if returns else None,
         "backends_gone_ms": None if gone is None else round(gone * 1000, 1),
+        "backends_half_gone_ms": None if half_gone is None else round(half_gone * 1000, 1),
         "free_ahead_of_backends_samples": ahead,
     }
     print(f"reclaim, {n} workers SIGKILLed at once: {len(returns)}/{n} permits back, p50 {result['p50_ms']} ms, "
-          f"p99 {result['p99_ms']} ms, last {result['last_ms']} ms; last backend gone from the server after "
-          f"{result['backends_gone_ms']} ms; free permits ahead of departed backends: {ahead} samples", flush=True)
+          f"p99 {result['p99_ms']} ms, last {result['last_ms']} ms; half the backends gone from the server after "
+          f"{result['backends_half_gone_ms']} ms, the last after {result['backends_gone_ms']} ms; free permits ahead of departed backends: {ahead} samples", flush=True)
     record("reclaim", result)
     return result
 
@@ -409,6 +418,7 @@ def part_many(dsn: str, seconds: float, workers: int = 200, budget: int = 100, c
 
     name = f"growth{os.getpid()}n"
     port = free_port()
+    path = "/sleep?ms=200"  # long enough that 250 clients keep all 100 permits busy
     env = {**os.environ, "TEST_DSN": dsn, "SHAREDPOOL_NAME": name, "SHAREDPOOL_POOL_SIZE": str(budget),
            "SHAREDPOOL_TIMEOUT": "60",
            "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "tests", "apps"), ROOT])}
@@ -424,13 +434,13 @@ def part_many(dsn: str, seconds: float, workers: int = 200, budget: int = 100, c
         with PeakSampler(dsn, name) as sampler:
             if wrk:
                 out = subprocess.run([wrk, "-t", "2", "-c", str(clients), "-d", f"{int(seconds)}s",
-                                      "--timeout", "60s", f"http://127.0.0.1:{port}/sleep?ms=20"],
+                                      "--timeout", "60s", f"http://127.0.0.1:{port}{path}"],
                                      capture_output=True, text=True).stdout
                 served = int(next(l for l in out.splitlines() if "requests in" in l).split()[0])
                 errors = sum(int(x) for l in out.splitlines() if "Non-2xx" in l for x in l.split()[-1:])
                 load_text = out
             else:
-                load = Load(port, "/sleep?ms=20", clients).start()
+                load = Load(port, path, clients).start()
                 time.sleep(seconds)
                 load.stop()
                 served, errors = load.statuses.get(200, 0), sum(v for k, v in load.statuses.items() if k != 200)
@@ -439,7 +449,7 @@ def part_many(dsn: str, seconds: float, workers: int = 200, budget: int = 100, c
     finally:
         stop_server(proc)
         log.close()
-    result = {"workers": workers, "budget": budget, "clients": clients, "seconds": seconds,
+    result = {"workers": workers, "budget": budget, "clients": clients, "seconds": seconds, "path": path,
               "served": served, "errors": errors, "server_peak": peak,
               "command": " ".join(cmd), "load": "wrk" if wrk else "python threads"}
     print(f"many: {workers} gunicorn workers, budget {budget}, {clients} clients for {seconds:.0f} s: "
@@ -448,13 +458,63 @@ def part_many(dsn: str, seconds: float, workers: int = 200, budget: int = 100, c
     return result
 
 
+def plot(path: str = RESULTS) -> str | None:
+    """Draw the newest hotpath and coordinator records of ``path`` into growth.png; return its path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    newest: dict[str, dict] = {}
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            newest[rec["part"]] = rec
+    if "hotpath" not in newest and "coordinator" not in newest:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    if "hotpath" in newest:
+        res = newest["hotpath"]["results"]
+        counts = sorted(int(n) for n in res)
+        for key, label in (("checkout_us", "warm checkout + return"), ("permit_us", "permit acquire + release"),
+                           ("victim_scan_us", "victim choice (only when waiting)")):
+            left.plot(counts, [res[str(n)][key]["median"] for n in counts], marker="o", label=label)
+        left.set_xscale("log", base=2)
+        left.set_xlabel("registered worker processes")
+        left.set_ylabel("µs per operation (median)")
+        left.set_title("hot path vs workers")
+        left.legend(fontsize=8)
+    if "coordinator" in newest:
+        res = newest["coordinator"]["results"]
+        counts = sorted(int(n) for n in res)
+        right.plot(counts, [res[str(n)]["idle_cpu_per_s"] * 100 for n in counts], marker="o", label="idle")
+        right.plot(counts, [res[str(n)]["churn_cpu_per_s"] * 100 for n in counts], marker="o",
+                   label="churn (10 %/s replaced, permits 20/s per worker)")
+        right.set_xscale("log", base=2)
+        right.set_xlabel("registered worker processes")
+        right.set_ylabel("coordinator CPU, % of one core")
+        right.set_title("coordinator vs workers")
+        right.legend(fontsize=8)
+    fig.tight_layout()
+    out = os.path.join(os.path.dirname(path), "growth.png")
+    fig.savefig(out, dpi=100)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default="hotpath,coordinator,reclaim,memory,many")
     parser.add_argument("--workers", default="8,64,256", help="registered worker counts (hotpath, coordinator)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each timed phase")
     parser.add_argument("--dsn", default=os.environ.get("DATABASE_URL"))
+    parser.add_argument("--reclaim-rounds", type=int, default=3, help="times the reclaim part runs")
+    parser.add_argument("--plot-only", action="store_true", help="only redraw growth.png from the results file")
     args = parser.parse_args()
+    if args.plot_only:
+        print(plot() or "nothing to plot (no results, or no matplotlib)")
+        return 0
     counts = [int(x) for x in args.workers.split(",")]
     parts = args.parts.split(",")
     with contextlib.ExitStack() as stack:
@@ -468,11 +528,15 @@ def main() -> int:
         if "coordinator" in parts:
             part_coordinator(counts, args.seconds)
         if "reclaim" in parts:
-            part_reclaim(dsn)
+            for _ in range(args.reclaim_rounds):
+                part_reclaim(dsn)
         if "memory" in parts:
             part_memory(dsn)
         if "many" in parts:
             part_many(dsn, max(args.seconds, 5.0))
+    drawn = plot()
+    if drawn:
+        print(f"plot: {os.path.relpath(drawn, ROOT)}")
     return 0
 
 
