@@ -44,6 +44,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -425,12 +426,16 @@ def part_many(dsn: str, seconds: float, workers: int = 200, budget: int = 100, c
     cmd = [sys.executable, "-m", "gunicorn", "-c", "python:sharedpool.integrations.gunicorn", "--preload",
            "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--backlog", "2048", "--timeout", "120",
            "--log-level", "warning", "--no-control-socket", "pool_app:application"]
-    log = open(os.path.join(ROOT, "bench", "results", "growth-many-gunicorn.log"), "wb")
+    log = tempfile.TemporaryFile()  # gunicorn's output, shown only if it fails to start
     proc = subprocess.Popen(cmd, cwd=os.path.join(ROOT, "tests", "apps"), env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     wrk = shutil.which("wrk")
     try:
-        wait_http(port, process=proc, timeout=120)
+        try:
+            wait_http(port, process=proc, timeout=120)
+        except AssertionError:
+            log.seek(0)
+            raise AssertionError(log.read()[-4000:].decode(errors="replace")) from None
         with PeakSampler(dsn, name) as sampler:
             if wrk:
                 out = subprocess.run([wrk, "-t", "2", "-c", str(clients), "-d", f"{int(seconds)}s",

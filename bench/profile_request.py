@@ -8,7 +8,8 @@ connection's life per request: ``persistent`` keeps Django's connection,
 ``sharedpool`` checks one out of its warm pool at the first query and gives
 it back at request end. Each round runs one fresh interpreter per strategy,
 strategies interleaved (A B A B); reports the median µs per request and the
-paired difference, then profiles one sharedpool round with cProfile and
+paired difference, the µs of the connection's life alone in one request
+(request_started, the first query's connect, request_finished), then profiles one sharedpool round with cProfile and
 prints the functions of the connection's life (Django connect / close,
 sharedpool checkout / return, permit path) with their µs per request.
 """
@@ -47,6 +48,22 @@ def call():
 n, profile = int(sys.argv[1]), sys.argv[2] == "1"
 for _ in range(200):
     call()  # warm: imports, first connection, caches
+if sys.argv[2] == "lifecycle":
+    # only the connection's life in one request: request_started, first query, request_finished
+    from django.db import close_old_connections, connection
+    def life():
+        close_old_connections()
+        connection.ensure_connection()
+        close_old_connections()
+    rounds = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            life()
+        rounds.append((time.perf_counter() - t0) / n * 1e6)
+    rounds.sort()
+    print(json.dumps({"lifecycle_us": rounds[3]}))
+    sys.exit(0)
 if profile:
     prof = cProfile.Profile()
     prof.enable()
@@ -67,9 +84,10 @@ print(json.dumps(result))
 """
 
 
-def child(strategy: str, env: dict, requests: int, profile: bool) -> dict:
+def child(strategy: str, env: dict, requests: int, profile: bool | str) -> dict:
     env = {**env, "BENCH_STRATEGY": strategy}
-    out = subprocess.run([sys.executable, "-c", CHILD, str(requests), "1" if profile else "0"], env=env,
+    mode = profile if isinstance(profile, str) else ("1" if profile else "0")
+    out = subprocess.run([sys.executable, "-c", CHILD, str(requests), mode], env=env,
                          cwd=ROOT, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"{strategy} child failed:\n{out.stderr[-3000:]}")
@@ -109,6 +127,10 @@ def main() -> int:
             order = ["persistent", "sharedpool"] if r % 2 == 0 else ["sharedpool", "persistent"]
             for strategy in order:
                 times[strategy].append(child(strategy, env, args.requests, False)["us_per_request"])
+        life: dict[str, list[float]] = {"persistent": [], "sharedpool": []}
+        for r in range(args.rounds):
+            for strategy in (["persistent", "sharedpool"] if r % 2 == 0 else ["sharedpool", "persistent"]):
+                life[strategy].append(child(strategy, env, args.requests, "lifecycle")["lifecycle_us"])
         diffs = [s - p for s, p in zip(times["sharedpool"], times["persistent"])]
         ratios = [p / s for s, p in zip(times["sharedpool"], times["persistent"])]
         for strategy, values in times.items():
@@ -117,6 +139,10 @@ def main() -> int:
         print(f"sharedpool - persistent: {statistics.median(diffs):+.1f} µs per request (paired, "
               f"[{min(diffs):+.1f} .. {max(diffs):+.1f}]); in-process throughput ratio "
               f"{statistics.median(ratios):.3f}x")
+        for strategy, values in life.items():
+            print(f"{strategy:>11}: {statistics.median(values):7.2f} µs for the connection's life in one request "
+                  f"(request_started, first query's connect, request_finished; rounds: "
+                  f"{', '.join(f'{v:.2f}' for v in values)})")
         prof = child("sharedpool", env, args.requests, True)["profile"]
         persistent_prof = child("persistent", env, args.requests, True)["profile"]
         print("\nsharedpool, cProfile (inflates every call; compare rows, not the totals above):")
@@ -137,6 +163,7 @@ def main() -> int:
         os.makedirs(os.path.join(BENCH_DIR, "results"), exist_ok=True)
         with open(os.path.join(BENCH_DIR, "results", "profile_request.jsonl"), "a") as f:
             f.write(json.dumps({"bench": "profile_request", "us_per_request": times, "paired_diff_us": diffs,
+                                "connection_life_us": life,
                                 "ratios": ratios, "requests": args.requests,
                                 "command": " ".join([os.path.relpath(sys.executable, ROOT), *sys.argv])}) + "\n")
     finally:

@@ -7,15 +7,24 @@ With more workers than permits, a request that lands in a worker holding no
 connection must wait for a permit to move (a holder closes one, this worker
 opens one), while a worker holding an idle connection could serve it at once.
 So before each ``accept`` a worker holding no connection of any pool looks at
-the ledger and at the board:
+the ledger and at the board (only at its siblings, the workers of the same
+master: another application's holders will not take this server's requests):
 
-- a permit is free, or no other worker holds one: accept at once;
-- another worker holds an idle connection: defer (it will take the request
+- a permit is free, or no sibling holds one: accept at once;
+- a sibling holds an idle connection: defer (it will take the request
   within a millisecond), for at most IDLE_GRACE in a row;
-- the holders are all busy but one of them came back for work within
-  READY_WINDOW: defer, the holders are draining the queue in order;
-- otherwise (every holder is stuck in a long request): accept, and wait for
-  the first holder to finish plus one connect, as before.
+- the holders are all busy but one of them came back for work within the
+  ready window: defer, the holders are draining the queue in order. A
+  request accepted now would wait anyway: a permit moves only when a
+  holder's request ends, and at that moment the holder could have taken
+  this request without a reconnect;
+- otherwise (every holder is stuck well beyond the usual request): accept,
+  and wait for the first holder to finish plus one connect, as before.
+
+The ready window is twice the holders' recent mean request time (an
+exponential average the holders keep on the board), at least
+READY_WINDOW_MIN and at most READY_WINDOW_MAX: a loaded machine that slows
+every request does not turn deferral into churn.
 
 Deferring means sleeping DEFER_POLL and reporting "nothing to accept"; the
 server's loop then waits on the listener again, so nothing is lost and a
@@ -33,13 +42,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sharedpool.config import PoolConfig
-from sharedpool.ledger import SLOT_ACTIVE
+from sharedpool.ledger import SLOT_ACTIVE, proc_stat
 
 log = logging.getLogger("sharedpool.integrations.routing")
 
 DEFER_POLL = 0.002  # seconds a deferring worker sleeps before it looks again
 IDLE_GRACE = 0.05  # seconds at most a worker defers in a row to a holder whose connection is idle
-READY_WINDOW = 0.05  # seconds since a holder last came back for work during which others keep deferring
+READY_WINDOW_MIN = 0.05  # seconds: bounds of the window since a holder last came back for work,
+READY_WINDOW_MAX = 1.0  # during which workers without a connection keep deferring
+CYCLE_WEIGHT = 0.1  # weight of one request in the holders' mean request time
 STREAK_GAP = 5 * DEFER_POLL  # a pause longer than this between two deferrals starts a new streak
 
 
@@ -54,8 +65,15 @@ class Board:
         self._map = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_SHARED)
         # monotonic time a connection-holding worker last went to accept (CLOCK_MONOTONIC is system-wide)
         self.holder_ready = ctypes.c_double.from_buffer(self._map, 0)
-        self.deferrals = ctypes.c_uint64.from_buffer(self._map, 8)  # counted for tests and the bench
-        self.accepted_while_held = ctypes.c_uint64.from_buffer(self._map, 16)  # connectionless accepts
+        self.cycle = ctypes.c_double.from_buffer(self._map, 8)  # holders' mean request time, seconds
+
+    def note_request(self, seconds: float) -> None:
+        """Fold one holder's request time into the mean (racy across workers: an estimate is enough)."""
+        mean = self.cycle.value
+        self.cycle.value = seconds if mean <= 0.0 else mean + CYCLE_WEIGHT * (seconds - mean)
+
+    def ready_window(self) -> float:
+        return min(max(2.0 * self.cycle.value, READY_WINDOW_MIN), READY_WINDOW_MAX)
 
 
 class Router:
@@ -71,6 +89,13 @@ class Router:
         self._streak_start = 0.0
         self._last_deferral = -1.0
         self.pid = os.getpid()
+        self.ppid = os.getppid()
+        self._siblings: dict[tuple[int, int], bool] = {}  # (pid, start time) -> child of our master
+
+    def served(self, seconds: float) -> None:
+        """Count one request this worker served: a holder's times set the ready window."""
+        if any(b.open for b in self._budgets):
+            self.board.note_request(seconds)
 
     def _budget_list(self) -> list[Any]:
         from sharedpool.pool import ProcessBudget
@@ -95,7 +120,7 @@ class Router:
                 ledger = budget.ledger
                 if ledger.sem.value > 0:
                     return False  # a free permit: opening a connection takes nobody's
-                held, idle = _held_and_idle_elsewhere(ledger, self.pid)
+                held, idle = self._held_and_idle_by_siblings(ledger)
                 held_elsewhere |= held
                 idle_elsewhere |= idle
         except Exception as exc:  # noqa: BLE001 - routing is an optimisation: never fail a request for it
@@ -106,28 +131,36 @@ class Router:
         if now - self._last_deferral > STREAK_GAP:
             self._streak_start = now
         defer = (idle_elsewhere and now - self._streak_start < IDLE_GRACE) or (
-            now - self.board.holder_ready.value < READY_WINDOW
+            now - self.board.holder_ready.value < self.board.ready_window()
         )
-        if defer:
-            self._last_deferral = now
-            self.board.deferrals.value += 1
-        else:
-            self._last_deferral = -1.0
-            self.board.accepted_while_held.value += 1
+        self._last_deferral = now if defer else -1.0
         return defer
 
-
-def _held_and_idle_elsewhere(ledger: Any, own_pid: int) -> tuple[bool, bool]:
-    """Tell whether other workers hold permits, and idle connections (one pass, no copies)."""
-    slots = ledger.slots
-    held = idle = False
-    for index in range(ledger.header.slot_hwm):
-        slot = slots[index]
-        if slot.state == SLOT_ACTIVE and slot.pid != own_pid and slot.held:
+    def _held_and_idle_by_siblings(self, ledger: Any) -> tuple[bool, bool]:
+        """Tell whether sibling workers hold permits, and idle connections (one pass over the slots)."""
+        slots = ledger.slots
+        held = False
+        for index in range(ledger.header.slot_hwm):
+            slot = slots[index]
+            if slot.state != SLOT_ACTIVE or not slot.held or slot.pid == self.pid:
+                continue
+            if not self._is_sibling(slot.pid, slot.start_time):
+                continue
             held = True
             if slot.idle:
                 return True, True
-    return held, idle
+        return held, False
+
+    def _is_sibling(self, pid: int, start_time: int) -> bool:
+        key = (pid, start_time)
+        known = self._siblings.get(key)
+        if known is None:
+            fields = proc_stat(pid)
+            known = fields is not None and int(fields[1]) == self.ppid
+            if len(self._siblings) > 4096:
+                self._siblings.clear()
+            self._siblings[key] = known
+        return known
 
 
 def deferring_accept(accept: Callable[..., Any], router: Router) -> Callable[..., Any]:
@@ -142,7 +175,10 @@ def deferring_accept(accept: Callable[..., Any], router: Router) -> Callable[...
         if router.should_defer():
             time.sleep(DEFER_POLL)
             raise BlockingIOError(errno.EAGAIN, "sharedpool: deferred to a worker holding a connection")
-        return accept(*args)
+        started = time.monotonic()
+        result = accept(*args)  # accepts and serves one request, or raises EAGAIN
+        router.served(time.monotonic() - started)
+        return result
 
     return wrapped
 
