@@ -10,7 +10,8 @@ So before each ``accept`` a worker holding no connection of any pool looks at
 the ledger and at the board (only at its siblings, the workers of the same
 master: another application's holders will not take this server's requests):
 
-- a permit is free, or no sibling holds one: accept at once;
+- a permit is free (and no other worker waits for it), or no sibling holds
+  one: accept at once;
 - a sibling holds an idle connection: defer (it will take the request
   within a millisecond), for at most IDLE_GRACE in a row;
 - the holders are all busy but one of them came back for work within the
@@ -118,9 +119,9 @@ class Router:
                 if not budget.pid:
                     budget.ensure_ready()  # registers this worker, as its first request would
                 ledger = budget.ledger
-                if ledger.sem.value > 0:
-                    return False  # a free permit: opening a connection takes nobody's
-                held, idle = self._held_and_idle_by_siblings(ledger)
+                held, idle, waiting = self._scan(ledger)
+                if ledger.sem.value > waiting:
+                    return False  # a permit nobody waits for: opening a connection takes nobody's
                 held_elsewhere |= held
                 idle_elsewhere |= idle
         except Exception as exc:  # noqa: BLE001 - routing is an optimisation: never fail a request for it
@@ -136,20 +137,25 @@ class Router:
         self._last_deferral = now if defer else -1.0
         return defer
 
-    def _held_and_idle_by_siblings(self, ledger: Any) -> tuple[bool, bool]:
-        """Tell whether sibling workers hold permits, and idle connections (one pass over the slots)."""
+    def _scan(self, ledger: Any) -> tuple[bool, bool, int]:
+        """Tell whether siblings hold permits and idle connections, and count the waiting threads of all.
+
+        A free permit while others wait is theirs (it is being handed over):
+        taking it as free would start a chain of moves, each leaving a permit
+        briefly free for the next worker to grab.
+        """
         slots = ledger.slots
-        held = False
+        held = idle = False
+        waiting = 0
         for index in range(ledger.header.slot_hwm):
             slot = slots[index]
-            if slot.state != SLOT_ACTIVE or not slot.held or slot.pid == self.pid:
+            if slot.state != SLOT_ACTIVE or slot.pid == self.pid:
                 continue
-            if not self._is_sibling(slot.pid, slot.start_time):
-                continue
-            held = True
-            if slot.idle:
-                return True, True
-        return held, False
+            waiting += slot.waiting
+            if slot.held and not idle and self._is_sibling(slot.pid, slot.start_time):
+                held = True
+                idle = bool(slot.idle)
+        return held, idle, waiting
 
     def _is_sibling(self, pid: int, start_time: int) -> bool:
         key = (pid, start_time)

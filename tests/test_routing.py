@@ -23,8 +23,8 @@ class Clock:
         return self.now
 
 
-def slot(pid: int, held: int = 0, idle: int = 0):
-    return types.SimpleNamespace(state=SLOT_ACTIVE, pid=pid, start_time=1, held=held, idle=idle)
+def slot(pid: int, held: int = 0, idle: int = 0, waiting: int = 0):
+    return types.SimpleNamespace(state=SLOT_ACTIVE, pid=pid, start_time=1, held=held, idle=idle, waiting=waiting)
 
 
 def budget(ledger, open_: int = 0, idle: int = 0):
@@ -112,3 +112,9 @@ def test_gthread_holders_are_ready_only_with_an_idle_connection(make_router):
                             holders_ready_only_when_idle=True)
     assert not router.should_defer()
     assert router.board.holder_ready.value == 0.0
+
+
+def test_a_permit_being_handed_to_a_waiter_is_not_free(make_router):
+    router, clock = make_router(budget(ledger(1, slot(2, held=1), slot(3, waiting=1))))
+    router.board.holder_ready.value = clock.now
+    assert router.should_defer()
