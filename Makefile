@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: help venv test test-fast demo bench bench-quick bench-micro django-suite django-suite-stock clean
+.PHONY: help venv test test-fast demo bench bench-quick bench-micro bench-growth django-suite django-suite-stock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -27,7 +27,7 @@ demo: $(STAMP)  ## the demo: gunicorn workers > budget under load, sharedpool vs
 test-fast: $(STAMP)  ## the suite without the slow real-process tests
 	$(PY) -m pytest -q -m 'not slow'
 
-bench: $(STAMP)  ## full benchmark (~20-25 min): 5 strategies x S1-S5, 3 interleaved repetitions; JSON + PNGs in bench/results/
+bench: $(STAMP)  ## full benchmark (~30 min): 6 strategies x S1-S5, 3 interleaved repetitions; JSON + PNGs in bench/results/
 	VENV=$(VENV) PYTHON=$(PYTHON) bash bench/setup.sh
 	$(PY) bench/run.py
 	$(PY) bench/plot.py
@@ -41,6 +41,10 @@ bench-micro: $(STAMP)  ## in-process micro-benchmarks: warm checkout + return, p
 	VENV=$(VENV) PYTHON=$(PYTHON) bash bench/setup.sh
 	$(PY) bench/bench_checkout.py
 	$(PY) bench/bench_permits.py
+
+bench-growth: $(STAMP)  ## how costs grow with workers: hot paths and coordinator CPU at 8-256 workers, mass SIGKILL, 200 workers (~3 min)
+	VENV=$(VENV) PYTHON=$(PYTHON) bash bench/setup.sh
+	$(PY) bench/bench_growth.py
 
 django-suite: $(STAMP)  ## Django 5.2's own tests (backends transactions transaction_hooks select_for_update basic) on the sharedpool ENGINE
 	PYTHON=$(PYTHON) scripts/django_suite.sh --engine sharedpool
