@@ -1,6 +1,6 @@
 """How sharedpool's costs grow with the number of worker processes.
 
-    .venv/bin/python bench/bench_growth.py [--parts hotpath,coordinator,reclaim,memory,many]
+    .venv/bin/python bench/bench_growth.py [--parts hotpath,coordinator,reclaim,memory,deferral,many]
                                            [--workers 8,64,256] [--seconds 5] [--dsn DSN]
 
 Parts (each prints its figures and appends one JSON line to bench/results/growth.jsonl):
@@ -22,6 +22,10 @@ memory       per worker: the ledger slot (bytes of shared memory) and the
              private memory (USS, /proc/self/smaps_rollup) a worker gains by
              registering (listener thread and socket, mapping) and by opening
              one connection.
+deferral     gunicorn, 8 sync workers on a budget of 4 (pool_app), 16 wrk
+             connections on a 2 ms query for --seconds: the CPU of the
+             workers holding a connection and of those deferring their
+             accepts to them (what looking at the ledger every DEFER_POLL costs).
 many         gunicorn, 200 sync workers on a budget of 100 (pool_app from
              tests/apps, --preload), 250 wrk connections on a 200 ms query for --seconds:
              requests served, errors, server-side peak (pg_stat_activity
@@ -412,30 +416,86 @@ def part_memory(dsn: str) -> dict:
     return result
 
 
-def part_many(dsn: str, seconds: float, workers: int = 200, budget: int = 100, clients: int = 250) -> dict:
-    from apps.loadtools import Load, stop_server, wait_http
+def _gunicorn(dsn: str, name: str, budget: int, workers: int, *extra: str) -> tuple[subprocess.Popen, int, object]:
+    """Start gunicorn with sharedpool's hooks on tests/apps/pool_app.py; return (process, port, log file)."""
+    from apps.loadtools import wait_http
     from devtools.pgcluster import free_port
-    from helpers_procs import PeakSampler
 
-    name = f"growth{os.getpid()}n"
     port = free_port()
-    path = "/sleep?ms=200"  # long enough that 250 clients keep all 100 permits busy
     env = {**os.environ, "TEST_DSN": dsn, "SHAREDPOOL_NAME": name, "SHAREDPOOL_POOL_SIZE": str(budget),
            "SHAREDPOOL_TIMEOUT": "60",
            "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "tests", "apps"), ROOT])}
-    cmd = [sys.executable, "-m", "gunicorn", "-c", "python:sharedpool.integrations.gunicorn", "--preload",
+    cmd = [sys.executable, "-m", "gunicorn", "-c", "python:sharedpool.integrations.gunicorn", *extra,
            "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--backlog", "2048", "--timeout", "120",
            "--log-level", "warning", "--no-control-socket", "pool_app:application"]
     log = tempfile.TemporaryFile()  # gunicorn's output, shown only if it fails to start
     proc = subprocess.Popen(cmd, cwd=os.path.join(ROOT, "tests", "apps"), env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(port, process=proc, timeout=120)
+    except AssertionError:
+        from apps.loadtools import stop_server
+
+        stop_server(proc)
+        log.seek(0)
+        raise AssertionError(log.read()[-4000:].decode(errors="replace")) from None
+    proc.command = " ".join(cmd)
+    return proc, port, log
+
+
+def part_deferral(dsn: str, seconds: float) -> dict:
+    from apps.loadtools import Load, stop_server
+
+    name = f"growth{os.getpid()}d"
+    proc, port, log = _gunicorn(dsn, name, 4, 8)
     wrk = shutil.which("wrk")
     try:
+        load = None
+        if wrk:
+            runner = subprocess.Popen([wrk, "-t", "2", "-c", "16", "-d", f"{int(seconds) + 2}s",
+                                       f"http://127.0.0.1:{port}/sleep?ms=2"], stdout=subprocess.DEVNULL)
+        else:
+            load = Load(port, "/sleep?ms=2", 16).start()
+        time.sleep(1.0)
+        pids = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                               text=True).stdout.split()]
+        ledger = Ledger.attach(name)
         try:
-            wait_http(port, process=proc, timeout=120)
-        except AssertionError:
-            log.seek(0)
-            raise AssertionError(log.read()[-4000:].decode(errors="replace")) from None
+            coordinator = ledger.header.coordinator_pid
+            workers = [p for p in pids if p != coordinator]
+            cpu0, t0 = {p: cpu_seconds(p) for p in workers}, time.monotonic()
+            time.sleep(seconds)
+            cpu = {p: (cpu_seconds(p) - cpu0[p]) / (time.monotonic() - t0) for p in workers}
+            held = {s.pid: s.held for s in ledger.snapshot().slots}
+        finally:
+            ledger.close()
+        if load is not None:
+            load.stop()
+        else:
+            runner.wait()
+    finally:
+        stop_server(proc)
+        log.close()
+    holders = sorted(cpu[p] * 100 for p in workers if held.get(p))
+    deferring = sorted(cpu[p] * 100 for p in workers if not held.get(p))
+    result = {"workers": 8, "budget": 4, "seconds": seconds, "load": "wrk" if wrk else "python threads",
+              "holders_cpu_pct": [round(x, 1) for x in holders], "deferring_cpu_pct": [round(x, 1) for x in deferring],
+              "command": proc.command}
+    print(f"deferral: CPU of the {len(holders)} workers holding a connection {result['holders_cpu_pct']} %, "
+          f"of the {len(deferring)} deferring to them {result['deferring_cpu_pct']} % of one core", flush=True)
+    record("deferral", result)
+    return result
+
+
+def part_many(dsn: str, seconds: float, workers: int = 200, budget: int = 100, clients: int = 250) -> dict:
+    from apps.loadtools import Load, stop_server
+    from helpers_procs import PeakSampler
+
+    name = f"growth{os.getpid()}n"
+    path = "/sleep?ms=200"  # long enough that 250 clients keep all 100 permits busy
+    proc, port, log = _gunicorn(dsn, name, budget, workers, "--preload")
+    wrk = shutil.which("wrk")
+    try:
         with PeakSampler(dsn, name) as sampler:
             if wrk:
                 out = subprocess.run([wrk, "-t", "2", "-c", str(clients), "-d", f"{int(seconds)}s",
@@ -456,7 +516,7 @@ def part_many(dsn: str, seconds: float, workers: int = 200, budget: int = 100, c
         log.close()
     result = {"workers": workers, "budget": budget, "clients": clients, "seconds": seconds, "path": path,
               "served": served, "errors": errors, "server_peak": peak,
-              "command": " ".join(cmd), "load": "wrk" if wrk else "python threads"}
+              "command": proc.command, "load": "wrk" if wrk else "python threads"}
     print(f"many: {workers} gunicorn workers, budget {budget}, {clients} clients for {seconds:.0f} s: "
           f"{served} requests, {errors} errors, server peak {peak}\n{load_text}", flush=True)
     record("many", result)
@@ -510,7 +570,7 @@ def plot(path: str = RESULTS) -> str | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="hotpath,coordinator,reclaim,memory,many")
+    parser.add_argument("--parts", default="hotpath,coordinator,reclaim,memory,deferral,many")
     parser.add_argument("--workers", default="8,64,256", help="registered worker counts (hotpath, coordinator)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each timed phase")
     parser.add_argument("--dsn", default=os.environ.get("DATABASE_URL"))
@@ -537,6 +597,8 @@ def main() -> int:
                 part_reclaim(dsn)
         if "memory" in parts:
             part_memory(dsn)
+        if "deferral" in parts:
+            part_deferral(dsn, args.seconds)
         if "many" in parts:
             part_many(dsn, max(args.seconds, 5.0))
     drawn = plot()
