@@ -79,12 +79,9 @@ def _pool_list() -> list[PoolConfig]:
 
 
 def on_starting(server) -> None:
-    """Start a coordinator for each pool that has none. Runs in the arbiter, before any worker."""
-    global _board
+    """Start a coordinator for each pool that has none, share the routing board. Runs in the arbiter, before any worker."""
     arbiter_pid = os.getpid()
     pools = _pool_list()
-    if _follow and pools and _board is None:
-        _board = routing.Board()
     if not pools:
         server.log.warning(
             "sharedpool: no pool found (no sharedpool ENGINE in DATABASES, no SHAREDPOOL_POOL_SIZE); "
@@ -110,6 +107,7 @@ def on_starting(server) -> None:
             "sharedpool: started the coordinator of pool %r (pid %d, budget %d)",
             config.name, process.pid, config.pool_size,
         )
+    _share_board(pools)
 
 
 def post_fork(server, worker) -> None:
@@ -141,6 +139,13 @@ def on_exit(server) -> None:
 
 
 # -- which worker accepts ------------------------------------------------------------------------
+
+
+def _share_board(pools: list[PoolConfig]) -> None:
+    """Create, in the arbiter before any fork, the board the workers share to route accepts."""
+    global _board
+    if _follow and pools and _board is None:
+        _board = routing.Board()
 
 
 def _route_accepts(worker, board: routing.Board) -> None:
