@@ -374,7 +374,8 @@ def part_reclaim(dsn: str, n: int = 64, budget: int = 64) -> dict:
     }
     print(f"reclaim, {n} workers SIGKILLed at once: {len(returns)}/{n} permits back, p50 {result['p50_ms']} ms, "
           f"p99 {result['p99_ms']} ms, last {result['last_ms']} ms; half the backends gone from the server after "
-          f"{result['backends_half_gone_ms']} ms, the last after {result['backends_gone_ms']} ms; free permits ahead of departed backends: {ahead} samples", flush=True)
+          f"{result['backends_half_gone_ms']} ms, the last after {result['backends_gone_ms']} ms; "
+          f"free permits ahead of departed backends: {ahead} samples", flush=True)
     record("reclaim", result)
     return result
 

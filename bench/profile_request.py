@@ -77,7 +77,9 @@ if profile:
     stats = pstats.Stats(prof)
     rows = []
     for (filename, line, func), (cc, nc, tt, ct, callers) in stats.stats.items():
-        rows.append({"func": f"{os.path.relpath(filename, os.path.dirname(os.path.dirname(django.__file__))) if 'site-packages' in filename else os.path.relpath(filename)}:{line}({func})",
+        site = os.path.dirname(os.path.dirname(django.__file__))
+        where = os.path.relpath(filename, site) if "site-packages" in filename else os.path.relpath(filename)
+        rows.append({"func": f"{where}:{line}({func})",
                      "calls_per_request": nc / n, "tottime_us": tt / n * 1e6, "cumtime_us": ct / n * 1e6})
     result["profile"] = rows
 print(json.dumps(result))
@@ -151,12 +153,15 @@ def main() -> int:
         for p in rows[: args.top]:
             print(f"{p['cumtime_us']:11.1f} {p['tottime_us']:11.1f} {p['calls_per_request']:10.2f}  {p['func']}")
         total = {p["func"]: p for p in persistent_prof}
-        handler = next((p for p in prof if p["func"].endswith("(__call__)") and "handlers/wsgi" in p["func"]), None)
-        handler_p = next((p for p in persistent_prof if p["func"].endswith("(__call__)") and "handlers/wsgi" in p["func"]), None)
+        def wsgi_handler(rows: list[dict]) -> dict | None:
+            return next((p for p in rows if p["func"].endswith("(__call__)") and "handlers/wsgi" in p["func"]), None)
+
+        handler, handler_p = wsgi_handler(prof), wsgi_handler(persistent_prof)
         if handler and handler_p:
             print(f"\nWSGIHandler.__call__ under cProfile: sharedpool {handler['cumtime_us']:.1f} µs, "
                   f"persistent {handler_p['cumtime_us']:.1f} µs")
-        only = sorted((p for p in prof if p["func"] not in total and p["cumtime_us"] > 1.0), key=lambda p: -p["cumtime_us"])
+        only = sorted((p for p in prof if p["func"] not in total and p["cumtime_us"] > 1.0),
+                      key=lambda p: -p["cumtime_us"])
         print("\ncalled only with sharedpool (cum µs/req under cProfile):")
         for p in only[: args.top]:
             print(f"{p['cumtime_us']:11.1f} {p['calls_per_request']:10.2f}  {p['func']}")

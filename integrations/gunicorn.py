@@ -79,7 +79,7 @@ def _pool_list() -> list[PoolConfig]:
 
 
 def on_starting(server) -> None:
-    """Start a coordinator for each pool that has none, share the routing board. Runs in the arbiter, before any worker."""
+    """Start a coordinator for each pool that has none; share the routing board. Runs in the arbiter, first."""
     arbiter_pid = os.getpid()
     pools = _pool_list()
     if not pools:

@@ -47,7 +47,7 @@ from sharedpool.ledger import SLOT_ACTIVE, proc_stat
 
 log = logging.getLogger("sharedpool.integrations.routing")
 
-DEFER_POLL = 0.01  # seconds a deferring worker sleeps before it looks again (a look with the server loop around it: ~0.1 ms CPU)
+DEFER_POLL = 0.01  # seconds a deferring worker sleeps between looks (a look, server loop included: ~0.1 ms CPU)
 IDLE_GRACE = 0.05  # seconds at most a worker defers in a row to a holder whose connection is idle
 READY_WINDOW_MIN = 0.05  # seconds: bounds of the window since a holder last came back for work,
 READY_WINDOW_MAX = 1.0  # during which workers without a connection keep deferring

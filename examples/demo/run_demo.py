@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         if leftovers:
             say(f"!! left in /dev/shm: {leftovers}")
         shutil.rmtree(workdir, ignore_errors=True)
-    ok = "sharedpool" in results and results["sharedpool"]["peak"] <= args.budget and not results["sharedpool"]["errors"]
+    ours = results.get("sharedpool")
+    ok = ours is not None and ours["peak"] <= args.budget and not ours["errors"]
     return 0 if ok else 1
 
 
