@@ -159,7 +159,7 @@ def _route_accepts(worker, board: routing.Board) -> None:
     if "gunicorn.workers.gthread.ThreadWorker" in classes:
         # a gthread holder accepts whenever its poller runs: it is ready only with an idle connection
         router = routing.Router(_pool_list(), board, holders_ready_only_when_idle=True)
-        worker.accept = routing.deferring_callback(worker.accept, router)
+        worker.accept = routing.deferring_callback(worker.accept, router, lambda: worker.nr_conns > 0)
     elif "gunicorn.workers.sync.SyncWorker" in classes:
         worker.accept = routing.deferring_accept(worker.accept, routing.Router(_pool_list(), board))
 

@@ -48,6 +48,7 @@ from sharedpool.ledger import SLOT_ACTIVE, proc_stat
 log = logging.getLogger("sharedpool.integrations.routing")
 
 DEFER_POLL = 0.01  # seconds a deferring worker sleeps between looks (a look, server loop included: ~0.1 ms CPU)
+BUSY_POLL = 0.001  # seconds instead, where the sleeping loop also serves open client connections (gthread)
 IDLE_GRACE = 0.05  # seconds at most a worker defers in a row to a holder whose connection is idle
 READY_WINDOW_MIN = 0.05  # seconds: bounds of the window since a holder last came back for work,
 READY_WINDOW_MAX = 1.0  # during which workers without a connection keep deferring
@@ -189,12 +190,16 @@ def deferring_accept(accept: Callable[..., Any], router: Router) -> Callable[...
     return wrapped
 
 
-def deferring_callback(accept: Callable[..., Any], router: Router) -> Callable[..., Any]:
-    """Wrap a poller callback ``accept(listener)``: defer by sleeping and returning without accepting."""
+def deferring_callback(accept: Callable[..., Any], router: Router, busy: Callable[[], bool]) -> Callable[..., Any]:
+    """Wrap a poller callback ``accept(listener)``: defer by sleeping and returning without accepting.
+
+    The sleep stalls the loop that also serves the worker's open client
+    connections: while ``busy()`` says there are some, sleep BUSY_POLL only.
+    """
 
     def wrapped(*args: Any) -> Any:
         if router.should_defer():
-            time.sleep(DEFER_POLL)
+            time.sleep(BUSY_POLL if busy() else DEFER_POLL)
             return None
         return accept(*args)
 
