@@ -174,17 +174,18 @@ def deferring_accept(accept: Callable[..., Any], router: Router) -> Callable[...
     """Wrap a worker's ``accept(listener)``: defer by sleeping and raising EAGAIN, as an empty queue would.
 
     gunicorn's sync worker treats EAGAIN as "no client waiting" and returns to
-    ``select``; the gthread worker catches it inside its own ``accept``, so
-    the gthread hook passes ``raise_eagain=False`` through ``deferring_callback``.
+    ``select``. Its ``accept`` also serves the request: the time it takes, in a
+    holder, feeds the ready window. (gthread's ``accept`` is a poller callback
+    that must not raise: ``deferring_callback``.)
     """
 
     def wrapped(*args: Any) -> Any:
         if router.should_defer():
             time.sleep(DEFER_POLL)
             raise BlockingIOError(errno.EAGAIN, "sharedpool: deferred to a worker holding a connection")
-        started = time.monotonic()
+        started = router.clock()
         result = accept(*args)  # accepts and serves one request, or raises EAGAIN
-        router.served(time.monotonic() - started)
+        router.served(router.clock() - started)
         return result
 
     return wrapped
