@@ -958,7 +958,7 @@ def parse_args(argv=None):
         epilog="Scenarios: " + "; ".join(f"{k}: {v['desc']}" for k, v in SCENARIOS.items()))
     ap.add_argument("--quick", action="store_true",
                     help="short runs (2 s each, S4 4 s, S2 only the 10 ms view, one repetition) "
-                         "to finish in < 3 min")
+                         "to finish in ~4 min")
     ap.add_argument("--scenarios", default=None,
                     help="comma list of " + ",".join(SCENARIOS) + " (default: all)")
     ap.add_argument("--strategies", default=None,
