@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # the driver of `make django-suite` / `django-suite-stock`: psycopg2 or psycopg
 DRIVER ?= psycopg2
 
-.PHONY: help venv test test-fast test-pyuwsgi demo bench bench-quick bench-micro django-suite django-suite-stock clean
+.PHONY: help venv test test-fast test-pyuwsgi demo bench bench-quick bench-micro bench-growth django-suite django-suite-stock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -34,7 +34,7 @@ demo: $(STAMP)  ## the demo: gunicorn workers > budget under load, sharedpool vs
 test-fast: $(STAMP)  ## the suite without the slow real-process tests
 	$(PY) -m pytest -q -m 'not slow'
 
-bench: $(STAMP)  ## full benchmark (~20-25 min): 5 strategies x S1-S5, 3 interleaved repetitions; JSON + PNGs in bench/results/
+bench: $(STAMP)  ## full benchmark (~30 min): 6 strategies x S1-S5, 3 interleaved repetitions; JSON + PNGs in bench/results/
 	VENV=$(VENV) PYTHON=$(PYTHON) bash bench/setup.sh
 	$(PY) bench/run.py
 	$(PY) bench/plot.py
@@ -48,6 +48,10 @@ bench-micro: $(STAMP)  ## in-process micro-benchmarks: warm checkout + return, p
 	VENV=$(VENV) PYTHON=$(PYTHON) bash bench/setup.sh
 	$(PY) bench/bench_checkout.py
 	$(PY) bench/bench_permits.py
+
+bench-growth: $(STAMP)  ## how costs grow with workers: hot paths and coordinator CPU at 8-256 workers, mass SIGKILL, 200 workers (~3 min)
+	VENV=$(VENV) PYTHON=$(PYTHON) bash bench/setup.sh
+	$(PY) bench/bench_growth.py
 
 django-suite: $(STAMP)  ## Django 5.2's own tests (backends transactions transaction_hooks select_for_update basic queries) on the sharedpool ENGINE; DRIVER=psycopg2 (default) or psycopg
 	PYTHON=$(PYTHON) scripts/django_suite.sh --engine sharedpool --driver $(DRIVER)

@@ -23,9 +23,11 @@ import sys
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
-STRATEGIES = ["direct", "persistent", "djdbpool", "pgbouncer", "sharedpool"]
+STRATEGIES = ["direct", "persistent", "djdbpool", "pgbouncer", "pgbouncer-session", "sharedpool",
+              "sharedpool-nofollow"]
 COLORS = {"direct": "#8c8c8c", "persistent": "#1f77b4", "djdbpool": "#9467bd",
-          "pgbouncer": "#ff7f0e", "sharedpool": "#2ca02c"}
+          "pgbouncer": "#ff7f0e", "pgbouncer-session": "#ffbb78",
+          "sharedpool": "#2ca02c", "sharedpool-nofollow": "#98df8a"}
 
 
 def newest_results() -> str:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side-by-side load runs: one Django app under gunicorn, five connection strategies.
+"""Side-by-side load runs: one Django app under gunicorn, several connection strategies.
 
 Each (scenario, strategy) run gets a fresh database (CREATE DATABASE ... TEMPLATE),
 its own gunicorn (own process group), its own PgBouncer when the strategy needs
@@ -46,9 +46,13 @@ WRK_SCRIPT = os.path.join(BENCH_DIR, "wrk", "report.lua")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from devtools.pgbouncer import PgBouncer, find_pgbouncer  # noqa: E402
 from devtools.pgcluster import free_port  # noqa: E402
 
-STRATEGIES = ["direct", "persistent", "djdbpool", "pgbouncer", "sharedpool"]
+STRATEGIES = ["direct", "persistent", "djdbpool", "pgbouncer", "pgbouncer-session", "sharedpool",
+              "sharedpool-nofollow"]
+DEFAULT_STRATEGIES = STRATEGIES[:-1]  # sharedpool-nofollow only when asked for: it isolates one mechanism
+POOL_MODES = {"pgbouncer": "transaction", "pgbouncer-session": "session"}
 DB_NAME = "bench"                 # main() makes both unique to the process
 TEMPLATE_DB = "bench_template"
 ROWS = 10000
@@ -303,68 +307,6 @@ def group_alive(pgid: int) -> bool:
         return True
 
 
-class PgBouncer:
-    def __init__(self, server: Server, budget: int, workdir: str):
-        self.port = free_port()
-        self.dir = os.path.join(workdir, "pgbouncer")
-        os.makedirs(self.dir, exist_ok=True)
-        self.ini = os.path.join(self.dir, "pgbouncer.ini")
-        self.logfile = os.path.join(self.dir, "pgbouncer.log")
-        pw = f" password={server.password}" if server.password else ""
-        conf = f"""[databases]
-{DB_NAME} = host={server.host} port={server.port} dbname={DB_NAME} user={server.user}{pw}
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {self.port}
-unix_socket_dir =
-auth_type = any
-pool_mode = transaction
-default_pool_size = {budget}
-max_db_connections = {budget}
-min_pool_size = 0
-reserve_pool_size = 0
-max_client_conn = 2000
-ignore_startup_parameters = extra_float_digits,options
-logfile = {self.logfile}
-pidfile =
-log_connections = 0
-log_disconnections = 0
-"""
-        with open(self.ini, "w") as f:
-            f.write(conf)
-        argv = [shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", self.ini]
-        kw = {}
-        if os.geteuid() == 0:  # pgbouncer refuses to run as root
-            import pwd
-            pwent = pwd.getpwnam("postgres")
-            for p in (workdir, self.dir, self.ini):
-                os.chown(p, pwent.pw_uid, pwent.pw_gid)
-            kw = dict(user=pwent.pw_uid, group=pwent.pw_gid, extra_groups=[])
-        self.argv = argv
-        self.conf = conf
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True, **kw)
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"pgbouncer did not start:\n{self.log_tail()}")
-            time.sleep(0.05)
-
-    def log_tail(self, n: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            with open(self.logfile, errors="replace") as f:
-                return "".join(f.readlines()[-n:])
-        return "(no log)"
-
-    def stop(self) -> None:
-        # SIGINT: safe shutdown would wait for clients; gunicorn is gone by now.
-        stop_group(self.proc, signal.SIGTERM, grace=5)
-
-
 def http_get(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -569,26 +511,26 @@ def run_one(ctx: dict, scenario: str, view: str, paths: str, strategy: str, rep:
         "worker_class": sc["worker_class"], "max_requests": sc.get("max_requests", 0),
         "hup_every_s": sc.get("hup_every", 0), "notes": [],
     }
-    if strategy == "sharedpool" and not ctx["sharedpool_ok"]:
+    if strategy.startswith("sharedpool") and not ctx["sharedpool_ok"]:
         raise Skip(ctx["sharedpool_reason"])
-    if strategy == "pgbouncer" and not shutil.which("pgbouncer") and not os.path.exists(
-            "/usr/sbin/pgbouncer"):
+    if strategy in POOL_MODES and not find_pgbouncer():
         raise Skip("pgbouncer not installed (bench/setup.sh installs it)")
 
     workdir = tempfile.mkdtemp(prefix="sharedpool-bench-")
     os.chmod(workdir, 0o755)
     bouncer = gun = sampler = None
-    name = pool_name() if strategy == "sharedpool" else None
+    name = pool_name() if strategy.startswith("sharedpool") else None
     hup_stop = threading.Event()
     hups = [0]
     try:
         server.fresh_db()
         log_off = server.log_offset()  # the exact peak covers the run from here on
         db_host, db_port = server.host, server.port
-        if strategy == "pgbouncer":
-            bouncer = PgBouncer(server, budget, workdir)
+        if strategy in POOL_MODES:
+            bouncer = PgBouncer(server.host, server.port, server.user, server.password, DB_NAME, budget,
+                                workdir, POOL_MODES[strategy])
             db_host, db_port = "127.0.0.1", bouncer.port
-            rec["pgbouncer"] = {"pool_mode": "transaction", "default_pool_size": budget,
+            rec["pgbouncer"] = {"pool_mode": POOL_MODES[strategy], "default_pool_size": budget,
                                 "max_db_connections": budget, "version": ctx["versions"].get(
                                     "pgbouncer"), "command": shlex.join(bouncer.argv)}
         if strategy == "djdbpool":
@@ -610,13 +552,15 @@ def run_one(ctx: dict, scenario: str, view: str, paths: str, strategy: str, rep:
             "BENCH_DB_HOST": db_host, "BENCH_DB_PORT": str(db_port), "BENCH_DB_NAME": DB_NAME,
             "BENCH_DB_USER": server.user, "BENCH_DB_PASSWORD": server.password,
         })
-        if strategy == "sharedpool":
+        if strategy.startswith("sharedpool"):
             env.update({"SHAREDPOOL_NAME": name, "SHAREDPOOL_POOL_SIZE": str(budget),
                         "BENCH_MAX_PER_PROCESS": str(budget)})
             rec["sharedpool"] = {"NAME": name, "POOL_SIZE": budget, "MAX_PER_PROCESS": budget}
         cmd = [ctx["gunicorn"]]
         if strategy == "sharedpool":
             cmd += ["-c", "python:sharedpool.integrations.gunicorn"]
+        elif strategy == "sharedpool-nofollow":
+            cmd += ["-c", "python:app.gunicorn_nofollow"]
         cmd += ["--bind", f"127.0.0.1:{port}", "--workers", str(workers),
                 "--worker-class", sc["worker_class"], "--timeout", "60",
                 "--graceful-timeout", "5", "--log-level", "warning", "--backlog", "2048"]
@@ -874,7 +818,11 @@ def summarize(runs: list[dict], skipped: list[dict]) -> dict:
         if not ratios:
             return None
         return statistics.median(ratios), statistics.median(ra.values()), \
-            statistics.median(rb.values()), len(ratios)
+            statistics.median(rb.values()), len(ratios), min(ratios), max(ratios)
+
+    def ratio_text(r, unit):
+        return (f"{r[1]:.{2 if unit == 'ms' else 0}f} vs {r[2]:.{2 if unit == 'ms' else 0}f} {unit}; "
+                f"paired ratio {r[0]:.3f}x [{r[4]:.2f}-{r[5]:.2f}] (n={r[3]})")
 
     # S1
     if "S1" in ran:
@@ -883,12 +831,10 @@ def summarize(runs: list[dict], skipped: list[dict]) -> dict:
         miss = None if tp and lat else "needs S1 sharedpool and persistent runs"
         add("S1-throughput", "S1: sharedpool >= 0.98x persistent throughput",
             tp is not None and tp[0] >= 0.98,
-            tp and f"{tp[1]:.0f} vs {tp[2]:.0f} req/s; paired ratio {tp[0]:.3f}x (n={tp[3]})",
-            miss)
+            tp and ratio_text(tp, "req/s"), miss)
         add("S1-p99", "S1: sharedpool p99 <= 1.1x persistent p99",
             lat is not None and lat[0] <= 1.1,
-            lat and f"{lat[1]:.2f} vs {lat[2]:.2f} ms; paired ratio {lat[0]:.3f}x (n={lat[3]})",
-            miss)
+            lat and ratio_text(lat, "ms"), miss)
     # S2
     for view in [v for v, _ in SCENARIOS["S2"]["views"] if ("S2", v) in ran_views]:
         b = SCENARIOS["S2"]["budget"]
@@ -896,11 +842,24 @@ def summarize(runs: list[dict], skipped: list[dict]) -> dict:
         add(f"S2-{view}-cap", f"S2 {view}: sharedpool peak server connections <= budget {b}",
             pk is not None and pk <= b, f"peak {pk}",
             None if pk is not None else "needs S2 sharedpool run")
-        tp = paired("S2", view, "sharedpool", "pgbouncer", "rps")
-        add(f"S2-{view}-vs-pgbouncer", f"S2 {view}: sharedpool >= 0.9x PgBouncer throughput",
-            tp is not None and tp[0] >= 0.9,
-            tp and f"{tp[1]:.0f} vs {tp[2]:.0f} req/s; paired ratio {tp[0]:.3f}x (n={tp[3]})",
-            None if tp else "needs S2 sharedpool and pgbouncer runs")
+        for other, want in (("pgbouncer", 1.1), ("pgbouncer-session", 1.0)):
+            tp = paired("S2", view, "sharedpool", other, "rps")
+            add(f"S2-{view}-vs-{other}", f"S2 {view}: sharedpool >= {want}x {other} throughput",
+                tp is not None and tp[0] >= want, tp and ratio_text(tp, "req/s"),
+                None if tp else f"needs S2 sharedpool and {other} runs")
+        lat = paired("S2", view, "sharedpool", "pgbouncer", "p99_ms")
+        add(f"S2-{view}-p99", f"S2 {view}: sharedpool p99 <= PgBouncer transaction mode's",
+            lat is not None and lat[0] <= 1.0, lat and ratio_text(lat, "ms"),
+            None if lat else "needs S2 sharedpool and pgbouncer runs")
+    # S3
+    if "S3" in ran:
+        tp = paired("S3", "skew", "sharedpool", "pgbouncer", "rps")
+        lat = paired("S3", "skew", "sharedpool", "pgbouncer", "p99_ms")
+        miss = None if tp and lat else "needs S3 sharedpool and pgbouncer runs"
+        add("S3-throughput", "S3: sharedpool >= 1.0x PgBouncer throughput",
+            tp is not None and tp[0] >= 1.0, tp and ratio_text(tp, "req/s"), miss)
+        add("S3-p99", "S3: sharedpool p99 <= PgBouncer's", lat is not None and lat[0] <= 1.0,
+            lat and ratio_text(lat, "ms"), miss)
     # S4
     b = SCENARIOS["S4"]["budget"]
     for strat, want_le in (("sharedpool", True), ("pgbouncer", True), ("persistent", False)):
@@ -927,10 +886,19 @@ def summarize(runs: list[dict], skipped: list[dict]) -> dict:
     else:
         add("S5-sharedpool", "S5: sharedpool serves every session feature", False, "",
             "needs S5 sharedpool run")
+    ratios = []
+    for (sc, v, st) in sorted(by):
+        if st == "sharedpool":
+            for other in STRATEGIES:
+                tp, lat = paired(sc, v, st, other, "rps"), paired(sc, v, st, other, "p99_ms")
+                if other != st and tp and lat:
+                    ratios.append({"scenario": sc, "view": v, "vs": other, "n": tp[3],
+                                   "rps_ratio": tp[0], "rps_ratio_range": [tp[4], tp[5]],
+                                   "p99_ratio": lat[0], "p99_ratio_range": [lat[4], lat[5]]})
     pgb_broken = None
     if "pgbouncer" in feats:
         pgb_broken = [f for f in FEATURES if not feats["pgbouncer"][f]]
-    return {"kind": "summary", "targets": targets, "features": feats,
+    return {"kind": "summary", "targets": targets, "features": feats, "paired_ratios": ratios,
             "pgbouncer_transaction_mode_breaks": pgb_broken,
             "skipped": skipped,
             "table": [
@@ -956,6 +924,13 @@ def print_summary(summary: dict) -> None:
             f"{row['errors']:>8}{row['conn_peak']:>6}{'-' if ex is None else ex:>6}"
             f"{row['conn_mean']:>7.1f}{row['new_conns_per_s']:>8.1f}")
     log("(peak: sampled every 20 ms; exact: from the server's connection log)")
+    if summary.get("paired_ratios"):
+        log("")
+        log("sharedpool / other, median of paired ratios [min-max] over repetitions:")
+        for r in summary["paired_ratios"]:
+            log(f"  {r['scenario'] + '/' + r['view']:<14} vs {r['vs']:<19} req/s {r['rps_ratio']:5.2f}x "
+                f"[{r['rps_ratio_range'][0]:.2f}-{r['rps_ratio_range'][1]:.2f}]  p99 {r['p99_ratio']:5.2f}x "
+                f"[{r['p99_ratio_range'][0]:.2f}-{r['p99_ratio_range'][1]:.2f}]  n={r['n']}")
     if summary["features"]:
         log("")
         log("S5 session features served correctly:")
@@ -983,11 +958,13 @@ def parse_args(argv=None):
         epilog="Scenarios: " + "; ".join(f"{k}: {v['desc']}" for k, v in SCENARIOS.items()))
     ap.add_argument("--quick", action="store_true",
                     help="short runs (2 s each, S4 4 s, S2 only the 10 ms view, one repetition) "
-                         "to finish in < 3 min")
+                         "to finish in ~4 min")
     ap.add_argument("--scenarios", default=None,
                     help="comma list of " + ",".join(SCENARIOS) + " (default: all)")
     ap.add_argument("--strategies", default=None,
-                    help="comma list of " + ",".join(STRATEGIES) + " (default: all)")
+                    help="comma list of " + ",".join(STRATEGIES) + " (default: all but "
+                         "sharedpool-nofollow, which turns off the deferral of accepts to workers "
+                         "holding connections)")
     ap.add_argument("--duration", type=int, default=None,
                     help="seconds of load per run (default 10, --quick 2; S4 at least 5)")
     ap.add_argument("--repeat", type=int, default=None,
@@ -1005,7 +982,7 @@ def parse_args(argv=None):
     args.scenarios = [s.strip().upper() for s in (args.scenarios or ",".join(SCENARIOS)).split(",")
                       if s.strip()]
     args.strategies = [s.strip().lower() for s in
-                       (args.strategies or ",".join(STRATEGIES)).split(",") if s.strip()]
+                       (args.strategies or ",".join(DEFAULT_STRATEGIES)).split(",") if s.strip()]
     for s in args.scenarios:
         if s not in SCENARIOS:
             ap.error(f"unknown scenario {s!r}; known: {', '.join(SCENARIOS)}")

@@ -27,7 +27,10 @@ on_starting   arbiter, once: start a coordinator for every pool that has none
               (a separate process, ``--exit-with <arbiter pid> --remove-on-exit``,
               so it also goes when the arbiter is SIGKILLed).
 post_fork     worker, right after fork: make sure it forgot the arbiter's
-              connections; under the gevent worker, make psycopg2 cooperative.
+              connections; under the gevent worker, make psycopg2 cooperative;
+              under the sync and gthread workers, let work follow connections
+              (a worker holding no connection defers accepting to one that
+              does: ``routing.py``; ``follow_connections(False)`` turns it off).
 child_exit    arbiter, after reaping a worker: tell the coordinators at once.
 worker_exit   worker, on its way out: close its connections, free its permits and slot.
 on_exit       arbiter, last: close its own pools (``--preload``), stop the
@@ -44,20 +47,28 @@ import os
 from sharedpool import forksafe
 from sharedpool.config import PoolConfig
 
-from . import servers
+from . import routing, servers
 
-__all__ = ["on_starting", "post_fork", "child_exit", "worker_exit", "on_exit", "use_pools"]
+__all__ = ["on_starting", "post_fork", "child_exit", "worker_exit", "on_exit", "use_pools", "follow_connections"]
 
 log = logging.getLogger("sharedpool.integrations.gunicorn")
 
 _pools: list[PoolConfig] | None = None  # None: not yet looked up
 _started: dict[str, int] = {}  # pool name -> pid of the coordinator this arbiter started
+_follow = True  # let work follow connections in sync and gthread workers
+_board: routing.Board | None = None  # created in the arbiter, inherited by every worker
 
 
 def use_pools(*configs: PoolConfig) -> None:
     """Declare the pools explicitly instead of reading Django settings or the environment."""
     global _pools
     _pools = list(configs)
+
+
+def follow_connections(enabled: bool) -> None:
+    """Turn on or off (in the config file) the deferral of accepts to workers holding connections."""
+    global _follow
+    _follow = bool(enabled)
 
 
 def _pool_list() -> list[PoolConfig]:
@@ -68,7 +79,7 @@ def _pool_list() -> list[PoolConfig]:
 
 
 def on_starting(server) -> None:
-    """Start a coordinator for each pool that has none. Runs in the arbiter, before any worker."""
+    """Start a coordinator for each pool that has none; share the routing board. Runs in the arbiter, first."""
     arbiter_pid = os.getpid()
     pools = _pool_list()
     if not pools:
@@ -93,6 +104,7 @@ def on_starting(server) -> None:
             "sharedpool: started the coordinator of pool %r (pid %d, budget %d)",
             config.name, process.pid, config.pool_size,
         )
+    _share_board(pools)
 
 
 def post_fork(server, worker) -> None:
@@ -100,6 +112,8 @@ def post_fork(server, worker) -> None:
     forksafe.after_fork_in_child()
     if _is_gevent_worker(worker):
         servers.make_psycopg2_green()
+    elif _follow and _board is not None:
+        _route_accepts(worker, _board)
 
 
 def child_exit(server, worker) -> None:
@@ -119,6 +133,32 @@ def on_exit(server) -> None:
         name, pid = _started.popitem()
         servers.stop_process(pid)
         server.log.info("sharedpool: stopped the coordinator of pool %r (pid %d)", name, pid)
+
+
+# -- which worker accepts ------------------------------------------------------------------------
+
+
+def _share_board(pools: list[PoolConfig]) -> None:
+    """Create, in the arbiter before any fork, the board the workers share to route accepts."""
+    global _board
+    if _follow and pools and _board is None:
+        _board = routing.Board()
+
+
+def _route_accepts(worker, board: routing.Board) -> None:
+    """Wrap the worker's ``accept`` so that a worker without a connection defers to one with.
+
+    The sync worker calls ``self.accept(listener)`` in its loop and takes
+    EAGAIN as "nobody waiting"; the gthread worker registers ``self.accept``
+    with its poller when it starts running, after this hook.
+    """
+    classes = {f"{cls.__module__}.{cls.__name__}" for cls in type(worker).__mro__}
+    if "gunicorn.workers.gthread.ThreadWorker" in classes:
+        # a gthread holder accepts whenever its poller runs: it is ready only with an idle connection
+        router = routing.Router(_pool_list(), board, holders_ready_only_when_idle=True)
+        worker.accept = routing.deferring_callback(worker.accept, router, lambda: worker.nr_conns > 0)
+    elif "gunicorn.workers.sync.SyncWorker" in classes:
+        worker.accept = routing.deferring_accept(worker.accept, routing.Router(_pool_list(), board))
 
 
 # -- gevent ------------------------------------------------------------------------------------

@@ -52,3 +52,29 @@ def test_bench_one_short_variant(pg, tmp_path):
     assert "gunicorn" in rec["command"]["gunicorn"]
     summary = json.loads((tmp_path / "smoke.summary.json").read_text())
     assert summary["kind"] == "summary"
+
+
+@pytest.mark.skipif(bool(_missing()), reason=f"bench needs {', '.join(_missing())}")
+def test_bench_pairs_sharedpool_with_pgbouncer_session_mode(pg, tmp_path):
+    from devtools.pgbouncer import find_pgbouncer
+
+    if find_pgbouncer() is None:
+        pytest.skip("pgbouncer not installed (bench/setup.sh installs it)")
+    out = tmp_path / "pairs.jsonl"
+    env = dict(os.environ, DATABASE_URL=pg.url)
+    proc = subprocess.run(
+        [sys.executable, RUN, "--scenarios", "S2", "--strategies", "sharedpool,pgbouncer-session",
+         "--duration", "2", "--repeat", "1", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = [json.loads(l) for l in out.read_text().splitlines() if l.strip()]
+    assert {(r["view"], r["strategy"]) for r in runs} == {
+        (v, s) for v in ("read", "query10ms") for s in ("sharedpool", "pgbouncer-session")}
+    session = [r for r in runs if r["strategy"] == "pgbouncer-session"]
+    assert all(r["pgbouncer"]["pool_mode"] == "session" and r["errors"] == 0 for r in session)
+    assert all(max(r["conn_peak"], r.get("conn_peak_exact", 0)) <= 4 for r in runs)
+    summary = json.loads((tmp_path / "pairs.summary.json").read_text())
+    ratios = {(r["view"], r["vs"]): r for r in summary["paired_ratios"]}
+    assert set(ratios) == {("read", "pgbouncer-session"), ("query10ms", "pgbouncer-session")}
+    low, high = ratios[("read", "pgbouncer-session")]["rps_ratio_range"]
+    assert low <= ratios[("read", "pgbouncer-session")]["rps_ratio"] <= high

@@ -259,3 +259,56 @@ def test_embedded_coordinator_follows_a_sigkilled_arbiter(dsn, server, request):
         assert wait_until(lambda: process_gone(pid), timeout=10)
     assert peak <= 2
     record(request, peak, 2)
+
+
+class BackendCounter(PeakSampler):
+    """Also collect every distinct backend of the pool the server started ((pid, backend_start) pairs)."""
+
+    def __init__(self, dsn, name):
+        super().__init__(dsn, name, interval=0.005)
+        self.backends: set[tuple[int, object]] = set()
+
+    def count(self) -> int:
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SELECT pid, backend_start FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                "AND application_name = %s",
+                (self.app_name,),
+            )
+            rows = cur.fetchall()
+        self.backends.update(rows)
+        return len(rows)
+
+
+def _opened_under_load(dsn, server, config, budget=4, total=800):
+    s = server(budget, "--workers", "8", config=config)
+    with BackendCounter(dsn, s.name) as sampler:
+        load = Load(s.port, "/sleep?ms=2", clients=16, total=total).start()
+        load.join()
+        peak = sampler.stop()
+    s.stop()
+    assert wait_until(lambda: not ipc_objects(s.name), timeout=20), "the first server's pool is still there"
+    return load, peak, len(sampler.backends)
+
+
+def test_work_follows_connections_without_churn(dsn, server, request, tmp_path):
+    """8 sync workers on a budget of 4: the workers holding connections serve the queue.
+
+    With deferral off, requests keep landing in workers without a connection,
+    and each one moves a permit: a backend closed, another opened.
+    """
+    off = tmp_path / "gunicorn_no_follow.py"
+    off.write_text(
+        "from sharedpool.integrations.gunicorn import on_starting, post_fork, child_exit, worker_exit, on_exit\n"
+        "from sharedpool.integrations.gunicorn import follow_connections\n"
+        "follow_connections(False)\n"
+    )
+    load_on, peak_on, opened_on = _opened_under_load(dsn, server, "python:sharedpool.integrations.gunicorn")
+    load_off, peak_off, opened_off = _opened_under_load(dsn, server, str(off))
+    print(f"\n{request.node.name}: backends opened with deferral {opened_on}, without {opened_off}; "
+          f"peaks {peak_on} / {peak_off} (budget 4)")
+    assert load_on.statuses == {200: 800}, load_on.summary()
+    assert load_off.statuses == {200: 800}, load_off.summary()
+    assert peak_on <= 4 and peak_off <= 4
+    assert opened_on <= 8, f"{opened_on} backends opened for 800 requests with 4 permits"
+    assert opened_on < opened_off

@@ -2,7 +2,8 @@
 
 Chosen by environment variables set by bench/run.py:
 
-BENCH_STRATEGY   direct | persistent | djdbpool | pgbouncer | sharedpool
+BENCH_STRATEGY   direct | persistent | djdbpool | pgbouncer | pgbouncer-session | sharedpool
+                 | sharedpool-nofollow
 BENCH_DB_HOST, BENCH_DB_PORT, BENCH_DB_NAME, BENCH_DB_USER, BENCH_DB_PASSWORD
 BENCH_BUDGET     the per-host connection budget of the scenario
 BENCH_WORKERS    gunicorn workers (djdbpool sizes its per-process pool from it)
@@ -69,7 +70,12 @@ elif STRATEGY == "pgbouncer":
     # point at PgBouncer (set by the harness). Server-side cursors are left
     # enabled on purpose: S5 reports what breaks.
     _db["CONN_MAX_AGE"] = None
-elif STRATEGY == "sharedpool":
+elif STRATEGY == "pgbouncer-session":
+    # Session mode gives a client a server connection for as long as the
+    # client stays connected: with more workers than the pool, a worker must
+    # disconnect after each request (CONN_MAX_AGE 0) or the others wait forever.
+    _db["CONN_MAX_AGE"] = 0
+elif STRATEGY in ("sharedpool", "sharedpool-nofollow"):
     _db["ENGINE"] = "sharedpool.integrations.django"
     _db["CONN_MAX_AGE"] = 0
     _db["POOL_SIZE"] = BUDGET

@@ -1,4 +1,4 @@
-"""`make demo`: the same Django site under gunicorn, with sharedpool and with the stock backend.
+"""`make demo`: the same Django site under gunicorn, with sharedpool, with PgBouncer and with the stock backend.
 
     python examples/demo/run_demo.py [--seconds 20] [--workers 8] [--budget 4] [--clients 32]
 
@@ -8,8 +8,12 @@
    gunicorn with more workers than the budget (examples/demo/gunicorn.conf.py
    imports sharedpool's hooks); load for ``--seconds`` with progress, a live
    ``sharedpool status`` table, and pg_stat_activity sampled every 10 ms.
-3. stock run: the same app, ENGINE django.db.backends.postgresql, same load.
-4. Summary side by side: requests, errors, p50/p99, peak server connections
+3. PgBouncer run: the stock ENGINE through a PgBouncer of its own in
+   transaction mode with ``default_pool_size = max_db_connections`` = the
+   budget (the alternative that holds the same cap; installed with apt-get
+   when missing, as PostgreSQL is); ``--skip-pgbouncer`` leaves it out.
+4. stock run: the same app, ENGINE django.db.backends.postgresql, same load.
+5. Summary side by side: requests, errors, p50/p99, peak server connections
    against the budget. Everything started is stopped; nothing is left in /dev/shm.
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -34,6 +39,7 @@ sys.path[:0] = [HERE, ROOT]
 import psycopg2  # noqa: E402
 
 from loadgen import Load  # noqa: E402
+from devtools.pgbouncer import PgBouncer, ensure_installed  # noqa: E402
 from devtools.pgcluster import free_port  # noqa: E402
 
 
@@ -119,7 +125,16 @@ def run(args, url: str, backend: str, pool: str, procs: Processes, logdir: str) 
     env = {**os.environ, "DATABASE_URL": url, "DEMO_BACKEND": backend, "DEMO_BUDGET": str(args.budget),
            "DEMO_POOL": pool, "DJANGO_SETTINGS_MODULE": "demoproject.settings",
            "PYTHONPATH": os.pathsep.join(filter(None, [HERE, ROOT, os.environ.get("PYTHONPATH")]))}
-    coordinator = None
+    coordinator = bouncer = None
+    if backend == "pgbouncer":
+        target = urlsplit(url)
+        bouncer = PgBouncer(target.hostname or "127.0.0.1", target.port or 5432, unquote(target.username or ""),
+                            unquote(target.password or ""), unquote(target.path.lstrip("/")) or "postgres",
+                            args.budget, logdir)
+        say(f"-- started PgBouncer: pool_mode {bouncer.pool_mode}, default_pool_size = max_db_connections = "
+            f"{args.budget}, port {bouncer.port}")
+        env["DATABASE_URL"] = urlunsplit(target._replace(netloc=f"{target.netloc.rpartition('@')[0]}@127.0.0.1:"
+                                                                 f"{bouncer.port}"))
     if backend == "sharedpool":
         say(f"-- starting the coordinator: sharedpool coordinator --name {pool} --budget {args.budget}")
         coordinator = procs.start("coordinator", [os.path.join(BIN, "sharedpool"), "coordinator", "--name", pool,
@@ -133,11 +148,11 @@ def run(args, url: str, backend: str, pool: str, procs: Processes, logdir: str) 
     argv = [os.path.join(BIN, "gunicorn"), *config, "--bind", f"127.0.0.1:{port}", "--workers", str(args.workers),
             "--no-control-socket", "--log-level", "warning", "demoproject.wsgi:application"]
     say(f"-- starting gunicorn: {args.workers} sync workers, {backend} backend"
-        + (f", budget {args.budget}" if backend == "sharedpool" else ""))
+        + (f", budget {args.budget}" if backend != "stock" else ""))
     server = procs.start("gunicorn", argv, env=env, cwd=HERE,
                          stdout=subprocess.DEVNULL, stderr=open(os.path.join(logdir, f"gunicorn-{backend}.log"), "wb"))
     wait_http(port, server)
-    sampler = PeakSampler(url, f"sharedpool/{pool}" if backend == "sharedpool" else "demo-stock")
+    sampler = PeakSampler(url, f"sharedpool/{pool}" if backend == "sharedpool" else f"demo-{backend}")
     sampler.start()
     status_stop = threading.Event()
 
@@ -161,6 +176,8 @@ def run(args, url: str, backend: str, pool: str, procs: Processes, logdir: str) 
     procs.stop(server)
     if coordinator is not None:
         procs.stop(coordinator)
+    if bouncer is not None:
+        bouncer.stop()
     return result
 
 
@@ -192,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=8, help="gunicorn sync workers (default: %(default)s)")
     parser.add_argument("--budget", type=int, default=4, help="POOL_SIZE of the sharedpool run (default: %(default)s)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent load clients (default: %(default)s)")
-    parser.add_argument("--skip-stock", action="store_true", help="run only the sharedpool half")
+    parser.add_argument("--skip-pgbouncer", action="store_true", help="leave the PgBouncer run out")
+    parser.add_argument("--skip-stock", action="store_true", help="leave the stock run out")
     args = parser.parse_args(argv)
 
     procs = Processes()
@@ -217,8 +235,16 @@ def main(argv: list[str] | None = None) -> int:
         prepare_schema(url)
         say(f"\n== run 1: sharedpool (ENGINE sharedpool.integrations.django, POOL_SIZE {args.budget}) ==")
         results["sharedpool"] = run(args, url, "sharedpool", pool, procs, workdir)
+        if not args.skip_pgbouncer:
+            say(f"\n== run 2: PgBouncer (stock ENGINE through PgBouncer, transaction mode, pool {args.budget}) ==")
+            try:
+                ensure_installed()
+            except (RuntimeError, subprocess.CalledProcessError) as exc:
+                say(f"!! no PgBouncer run: {exc}")
+            else:
+                results["pgbouncer"] = run(args, url, "pgbouncer", pool, procs, workdir)
         if not args.skip_stock:
-            say("\n== run 2: stock (ENGINE django.db.backends.postgresql, CONN_MAX_AGE 60) ==")
+            say("\n== run 3: stock (ENGINE django.db.backends.postgresql, CONN_MAX_AGE 60) ==")
             results["stock"] = run(args, url, "stock", pool, procs, workdir)
         say()
         say(summary(args.budget, args.workers, results))
@@ -232,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         if leftovers:
             say(f"!! left in /dev/shm: {leftovers}")
         shutil.rmtree(workdir, ignore_errors=True)
-    ok = "sharedpool" in results and results["sharedpool"]["peak"] <= args.budget and not results["sharedpool"]["errors"]
+    ours = results.get("sharedpool")
+    ok = ours is not None and ours["peak"] <= args.budget and not ours["errors"]
     return 0 if ok else 1
 
 

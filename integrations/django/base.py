@@ -42,6 +42,7 @@ _CLEAN = (drivers.IDLE, drivers.INTRANS)
 
 _pools: dict[tuple, LocalPool] = {}
 _pools_lock = threading.Lock()
+_pools_generation = 0  # bumped when pools are dropped from _pools: the wrappers' memos expire
 # Connections of wrappers garbage-collected while holding one; given back by
 # the next checkout or close in this process (a GC callback must not take locks).
 _orphans: list[tuple[LocalPool, Any]] = []
@@ -158,6 +159,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             settings_dict["POOL_OPTIONS"] = {**options, "NAME": self.pool_config.name}
         self._checkout: _Checkout | None = None
         self._discard_on_close = False
+        # (generation, conn_params, session key, pool) of the last checkout: finding the pool
+        # again (freezing the params into a key) cost 8 µs of a 37 µs connect + close
+        self._pool_memo: tuple | None = None
         _keep_warnings_visible()
 
     # -- the pool ----------------------------------------------------------------------
@@ -296,7 +300,13 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                 )
         _give_back_orphans()
         self._discard_on_close = False
-        pool = pool_for(self.pool_config, conn_params, self._session_key())
+        session = self._session_key()
+        memo = self._pool_memo
+        if memo is not None and memo[0] == _pools_generation and memo[1] == conn_params and memo[2] == session:
+            pool = memo[3]
+        else:
+            pool = pool_for(self.pool_config, conn_params, session)
+            self._pool_memo = (_pools_generation, dict(conn_params), session, pool)
         connection = pool.getconn()
         try:
             if set_isolation_level:
@@ -361,8 +371,10 @@ def close_pools(name: str | None = None) -> None:
     when given back. A later checkout starts afresh. Django's own pools
     (``OPTIONS["pool"]``) on the budget are closed too.
     """
+    global _pools_generation
     _give_back_orphans()
     with _pools_lock:
+        _pools_generation += 1
         keys = [key for key in _pools if name is None or key[1].name == name]
         names = {key[1].name for key in keys}
         for key in keys:

@@ -2,7 +2,8 @@
 
 Environment (set by run_demo.py):
 DATABASE_URL    postgresql://user[:password]@host:port/dbname
-DEMO_BACKEND    sharedpool (default) | stock
+DEMO_BACKEND    sharedpool (default) | pgbouncer (stock ENGINE through PgBouncer; DATABASE_URL
+                points at it) | stock
 DEMO_BUDGET     POOL_SIZE: server connections all workers on this host may hold
 DEMO_POOL       the pool NAME (default "demo")
 """
@@ -38,6 +39,16 @@ if os.environ.get("DEMO_BACKEND", "sharedpool") == "stock":
             "ENGINE": "django.db.backends.postgresql",
             "CONN_MAX_AGE": 60,  # the usual production setting: one persistent connection per worker
             "OPTIONS": {"application_name": "demo-stock"},
+        }
+    }
+elif os.environ.get("DEMO_BACKEND") == "pgbouncer":
+    DATABASES = {
+        "default": {
+            **_database,
+            "ENGINE": "django.db.backends.postgresql",
+            "CONN_MAX_AGE": None,  # each worker keeps its client connection to PgBouncer
+            "DISABLE_SERVER_SIDE_CURSORS": True,  # Django's advice for PgBouncer's transaction mode
+            "OPTIONS": {"application_name": "demo-pgbouncer"},  # PgBouncer sets it on its server connections
         }
     }
 else:
