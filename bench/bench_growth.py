@@ -60,7 +60,9 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import psycopg2  # noqa: E402
 
 from sharedpool import LocalPool, PoolConfig  # noqa: E402
+from sharedpool.coordinator.lifecycle import remove_pool  # noqa: E402
 from sharedpool.ledger import Ledger, Slot, proc_stat  # noqa: E402
+from sharedpool.names import PoolNames  # noqa: E402
 from sharedpool.permits import PermitGate  # noqa: E402
 from tests.helpers_procs import CoordinatorProc  # noqa: E402
 
@@ -153,16 +155,13 @@ def pool(name: str, budget: int) -> Iterator[CoordinatorProc]:
         yield coordinator
     finally:
         coordinator.close()
-        from sharedpool.ledger import unlink
-
-        unlink(name)
+        remove_pool(PoolNames(name), None, force=True)
 
 
 def registering(name: str) -> Callable[[], None]:
     def body() -> None:
         global _gate
         _gate = PermitGate(Ledger.attach(name))
-        _gate.register()
 
     return body
 

@@ -19,7 +19,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sharedpool.ledger import Ledger, unlink  # noqa: E402
+from sharedpool.coordinator.lifecycle import remove_pool  # noqa: E402
+from sharedpool.ledger import Ledger  # noqa: E402
+from sharedpool.names import PoolNames  # noqa: E402
 from sharedpool.permits import PermitGate  # noqa: E402
 
 
@@ -43,7 +45,6 @@ def main() -> int:
     ledger = Ledger.create(name, 8)
     try:
         gate = PermitGate(ledger)
-        gate.register()
         sem = ledger.sem
 
         def gated(n: int) -> None:
@@ -70,11 +71,11 @@ def main() -> int:
             "gate acquire(timeout)+release": per_op_us(blocking, args.ops, args.rounds),
             "bare sem acquire+release": per_op_us(bare, args.ops, args.rounds),
         }
-        assert gate.slot.held == 0 and gate.slot.inflight == 0 and sem.value == 8
+        assert gate.account.held == 0 and gate.account.inflight == 0 and sem.value == 8
         gate.deregister()
     finally:
         ledger.close()
-        unlink(name)
+        remove_pool(PoolNames(name), None, force=True)
 
     summary = {
         label: {

@@ -148,7 +148,7 @@ class Router:
         slots = ledger.slots
         held = idle = False
         waiting = 0
-        for index in range(ledger.header.slot_hwm):
+        for index in range(ledger.scan_limit()):
             slot = slots[index]
             if slot.state != SLOT_ACTIVE or slot.pid == self.pid:
                 continue
