@@ -146,3 +146,120 @@ def test_forged_stop_and_shed_datagrams_cannot_reach_a_worker(dsn, unique_name, 
         assert len(sampler.seen) == BUDGET, "the forged sheds made the holder churn connections"
         assert_pool_serves(dsn, unique_name, sampler, holder)
         assert len(sampler.seen) == BUDGET + 1  # one connection shed and one opened for the waiter, no churn
+
+
+# -- 2. squatting the worker sockets and the pool directory ----------------------------------
+
+CHECKOUT = """
+import sys
+import sharedpool
+name, dsn = sys.argv[1], sys.argv[2]
+try:
+    pool = sharedpool.LocalPool(sharedpool.PoolConfig(name=name, pool_size=2, timeout=3), dsn)
+    pool.putconn(pool.getconn())
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}")
+else:
+    print("connected")
+"""
+
+
+def checkout_as_root(name: str, dsn: str) -> str:
+    """One checkout with AUTOSTART (the default) in a fresh root worker; what it printed."""
+    done = subprocess.run([PYTHON, "-c", CHECKOUT, name, dsn], capture_output=True, text=True, timeout=30)
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.stdout.strip()
+
+
+def assert_refused(done: subprocess.CompletedProcess, *fragments: str) -> str:
+    """A command failed cleanly: exit 1, no traceback, every fragment in its message."""
+    assert done.returncode == 1, f"exit {done.returncode}: {done.stdout} {done.stderr}"
+    assert "Traceback" not in done.stderr, done.stderr
+    for fragment in fragments:
+        assert fragment in done.stderr, f"{fragment!r} not in {done.stderr!r}"
+    return done.stderr
+
+
+def remove_planted(*paths: str) -> None:
+    for path in paths:
+        if os.path.islink(path) or os.path.isfile(path):
+            os.unlink(path)
+        elif os.path.isdir(path):
+            for entry in os.listdir(path):
+                os.unlink(os.path.join(path, entry))
+            os.rmdir(path)
+
+
+def test_nobody_can_squat_worker_sockets_or_the_pool_directory(dsn, unique_name, users, sentinel):
+    names = PoolNames(unique_name)
+    attacker = users.attacker
+    # a live pool: nothing can be created in its directory, under any worker's socket name
+    with idle_holder(dsn, unique_name) as (coord, sampler, holder):
+        before = tree_state(names.directory)
+        targets = [names.path(PoolNames.worker_socket(i)) for i in range(8)]
+        results = try_as(users, attacker, [["bind", path] for path in targets] + [
+            ["create", names.path("w9")], ["mkdir", names.path("w10"), 0o777],
+            ["symlink", sentinel, names.path("w11")], ["unlink", names.path(PoolNames.worker_socket(0))],
+        ] + [["bind_abstract", f"sharedpool.{unique_name}.{pid}"] for pid in range(os.getpid(), os.getpid() + 50)])
+        assert results[:12] == ["EACCES"] * 12
+        assert set(results[12:]) == {"ok"}  # the old abstract addresses are free for anyone and mean nothing now
+        assert {p: s for p, s in tree_state(names.directory).items() if p != names.directory} == \
+            {p: s for p, s in before.items() if p != names.directory}
+        assert checkout_as_root(unique_name, dsn) == "connected"
+        assert_pool_serves(dsn, unique_name, sampler, holder)
+
+    # the pool directory itself, made by the attacker before the pool exists
+    for planted in ("dir", "symlink"):
+        try:
+            if planted == "dir":
+                assert try_as(users, attacker, [["mkdir", names.directory, 0o777],
+                                                ["create", names.path("ledger")]]) == ["ok", "ok"]
+            else:
+                assert try_as(users, attacker, [["mkdir", f"/dev/shm/{unique_name}-elsewhere", 0o777],
+                                                ["symlink", f"/dev/shm/{unique_name}-elsewhere",
+                                                 names.directory]]) == ["ok", "ok"]
+            before = {**tree_state(names.directory), **tree_state(f"/dev/shm/{unique_name}-elsewhere")} \
+                if planted == "symlink" else tree_state(names.directory)
+            done = run_cli("coordinator", "--name", unique_name, "--budget", str(BUDGET), timeout=20)
+            if planted == "dir":
+                assert_refused(done, f"pool {unique_name!r}: {names.directory} belongs to {attacker.name} "
+                               f"(uid {attacker.uid}), not to root (uid 0)", "GROUP", "another NAME")
+                assert checkout_as_root(unique_name, dsn).startswith(
+                    f"PoolPermissionError: pool {unique_name!r}: {names.directory} belongs to {attacker.name}")
+            else:
+                assert_refused(done, f"{names.directory} is not a directory (a symlink")
+                assert checkout_as_root(unique_name, dsn).startswith(
+                    f"PoolPermissionError: pool {unique_name!r}: {names.directory} is not a directory")
+            after = {**tree_state(names.directory), **tree_state(f"/dev/shm/{unique_name}-elsewhere")} \
+                if planted == "symlink" else tree_state(names.directory)
+            assert after == before, "the coordinator or the worker touched the attacker's directory"
+            assert not names.stray_semaphores()
+        finally:
+            remove_planted(names.directory, f"/dev/shm/{unique_name}-elsewhere")
+
+
+def test_a_worker_whose_socket_cannot_bind_still_serves(dsn, unique_name, sentinel):
+    names = PoolNames(unique_name)
+    with coordinator(unique_name, BUDGET), PeakSampler(dsn, unique_name) as sampler:
+        for index in range(4):  # whatever slot the worker gets, its socket name is taken (by the owner: nobody else can)
+            os.mkdir(names.path(PoolNames.worker_socket(index)))
+        try:
+            worker = PoolWorker(unique_name, BUDGET, dsn)
+            try:
+                worker.get(BUDGET)
+                worker.do(f"put {BUDGET}")
+                worker.get(BUDGET)
+                worker.proc.stdin.write("exit\n")
+                worker.proc.stdin.flush()
+                assert worker.proc.wait(10) == 0
+                err = worker.proc.stderr.read()
+            finally:
+                worker.kill()
+        finally:
+            for index in range(4):
+                os.rmdir(names.path(PoolNames.worker_socket(index)))
+        assert "Traceback" not in err
+        assert f"pool {unique_name!r}: cannot listen for shed requests" in err
+        assert "this worker keeps serving" in err
+        assert wait_until(lambda: sem_free(unique_name) == BUDGET, 3)
+        assert sampler.stop() <= BUDGET
