@@ -84,9 +84,9 @@ def sentinel(users):
 
 
 @contextlib.contextmanager
-def idle_holder(dsn: str, name: str, *coordinator_args: str):
+def idle_holder(dsn: str, name: str, *coordinator_args: str, **coordinator_kwargs: object):
     """A coordinator, a server sampler, and a worker holding every permit as idle connections."""
-    with coordinator(name, BUDGET, *coordinator_args) as coord, PeakSampler(dsn, name) as sampler:
+    with coordinator(name, BUDGET, *coordinator_args, **coordinator_kwargs) as coord, PeakSampler(dsn, name) as sampler:
         holder = PoolWorker(name, BUDGET, dsn)
         try:
             holder.get(BUDGET)
@@ -263,3 +263,65 @@ def test_a_worker_whose_socket_cannot_bind_still_serves(dsn, unique_name, sentin
         assert "this worker keeps serving" in err
         assert wait_until(lambda: sem_free(unique_name) == BUDGET, 3)
         assert sampler.stop() <= BUDGET
+
+
+# -- 3. the coordinator's control socket -----------------------------------------------------
+
+
+def test_the_control_socket_cannot_be_squatted_and_an_unbindable_coordinator_touches_nothing(dsn, unique_name, users,
+                                                                                             sentinel):
+    names = PoolNames(unique_name)
+    control = names.path(CONTROL_SOCKET)
+    # a running coordinator: its socket can be neither replaced nor reached
+    with idle_holder(dsn, unique_name, "--slots", "8", remove_on_exit=False) as (coord, sampler, holder):
+        results = try_as(users, users.attacker, [
+            ["unlink", control], ["bind", control], ["send", control, "budget 100"],
+            ["bind_abstract", f"sharedpool.{unique_name}.control"], ["bind_abstract", f"sharedpool.{unique_name}"],
+        ])
+        assert results == ["EACCES", "EACCES", "EACCES", "ok", "ok"]
+        done = run_cli("reload", "--name", unique_name, "--budget", "1", "--wait", "10")
+        assert done.returncode == 0, done.stderr
+        assert "budget 1 (within it after" in done.stdout  # the real coordinator got it and the holder shed
+        done = run_cli("reload", "--name", unique_name, "--budget", str(BUDGET))
+        assert done.returncode == 0, done.stderr
+        holder.get(1)  # the permit given back by the cut is recreated by the raise
+        holder.do("put 1")
+        assert_pool_serves(dsn, unique_name, sampler, holder)
+        coord.proc.send_signal(15)  # stop it, leaving the ledger for the adoption case below
+        coord.proc.wait(10)
+        # a directory left by a stopped coordinator: still nobody else's to squat before the next one starts
+        assert try_as(users, users.attacker, [["bind", control], ["create", control]]) == ["EACCES", "EACCES"]
+
+    # a coordinator that cannot bind (the name is taken by a directory of the owner's) creates nothing ...
+    try:
+        os.mkdir(names.directory, 0o700)
+        os.mkdir(control)
+        before = tree_state(names.directory)
+        done = run_cli("coordinator", "--name", unique_name, "--budget", str(BUDGET), timeout=20)
+        assert_refused(done, f"pool {unique_name!r}: cannot bind the control socket {control}", "Is a directory")
+        assert sorted(os.listdir(names.directory)) == ["control", "locks"]  # the lock it took, no ledger
+        assert not names.stray_semaphores()
+        # ... and an AUTOSTART worker does not carry on without a coordinator
+        out = checkout_as_root(unique_name, dsn)
+        assert out.startswith(f"PoolUnavailable: pool {unique_name!r}: the coordinator exited with code 1 before "
+                              "creating the ledger"), out
+        with open(names.path("coordinator.log")) as log:
+            assert "cannot bind the control socket" in log.read()
+        assert not names.stray_semaphores() and not os.path.exists(names.path("ledger"))
+        assert tree_state(control) == {control: before[control]}
+    finally:
+        remove_pool_objects(unique_name)
+
+    # ... nor adopts an existing ledger: the ledger is byte for byte as it was
+    with coordinator(unique_name, BUDGET, remove_on_exit=False) as coord:
+        coord.stop()
+        assert not os.path.lexists(control)  # a stopping coordinator removes its socket
+        os.mkdir(control)
+        with open(names.path("ledger"), "rb") as f:
+            ledger_before = f.read()
+        sem_before = FileState.of(names.stray_semaphores()[0])
+        done = run_cli("coordinator", "--name", unique_name, "--budget", "5", timeout=20)
+        assert_refused(done, f"pool {unique_name!r}: cannot bind the control socket {control}")
+        with open(names.path("ledger"), "rb") as f:
+            assert f.read() == ledger_before
+        assert FileState.of(names.stray_semaphores()[0]) == sem_before
