@@ -97,7 +97,8 @@ def modes(group: str | None) -> tuple[int, int]:
     return (0o2770, 0o660) if group else (0o700, 0o600)
 
 
-def _user(uid: int) -> str:
+def describe_user(uid: int) -> str:
+    """'name (uid N)', or 'uid N' for a uid with no account."""
     try:
         return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
     except KeyError:
@@ -126,8 +127,9 @@ def check_owned(name: str, info: os.stat_result, path: str, group: str | None, o
     shared = owner is None and not strict and gid is not None and info.st_gid == gid
     if info.st_uid != expected and not shared:
         raise PoolPermissionError(
-            f"pool {name!r}: {path} belongs to {_user(info.st_uid)}, not to {_user(expected)}"
-            + ("" if owner is not None else f" (this process runs as {_user(euid)})")
+            f"pool {name!r}: {path} belongs to {describe_user(info.st_uid)}, not to {describe_user(expected)}"
+            + ("" if owner is not None else f" (this process runs as {describe_user(euid)})")
+            + f"; its mode is {info.st_mode & 0o777:04o}, its group {_group_name(info.st_gid)}"
             + "; to share a pool between users set GROUP to a group of both (and start the coordinator "
             "with --group), to keep them apart give this one another NAME"
         )
@@ -137,7 +139,7 @@ def check_owned(name: str, info: os.stat_result, path: str, group: str | None, o
         raise PoolPermissionError(
             f"pool {name!r}: {path} has mode {info.st_mode & 0o777:04o}, wider than {allowed:04o}"
             + (f" (GROUP {group})" if group else " (no GROUP configured)")
-            + f"; owner {_user(info.st_uid)}, group {_group_name(info.st_gid)}. Remove it with "
+            + f"; owner {describe_user(info.st_uid)}, group {_group_name(info.st_gid)}. Remove it with "
             f"`sharedpool cleanup --name {name}` or fix GROUP"
         )
     if gid is not None and info.st_gid != gid:
@@ -187,7 +189,7 @@ def _describe(path: str) -> str:
         info = os.lstat(path)
     except OSError:
         return "it vanished"
-    return (f"it belongs to {_user(info.st_uid)}, group {_group_name(info.st_gid)}, mode {info.st_mode & 0o777:04o}; "
+    return (f"it belongs to {describe_user(info.st_uid)}, group {_group_name(info.st_gid)}, mode {info.st_mode & 0o777:04o}; "
             "set GROUP to share a pool between users, or give this one another NAME")
 
 
