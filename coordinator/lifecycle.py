@@ -26,6 +26,7 @@ from sharedpool.names import (
     SLOT_LOCK_BASE,
     PoolNames,
     byte_locked,
+    describe_user,
     lock_byte,
     modes,
     open_directory,
@@ -187,10 +188,7 @@ def remove_pool(names: PoolNames, group: str | None, *, force: bool) -> tuple[li
     except LedgerError as exc:
         if "no pool directory" not in str(exc):
             raise
-        for path in names.stray_semaphores():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-                removed.append(path)
+        _unlink_semaphores(names, names.stray_semaphores(), os.geteuid(), removed, warnings)
         return removed, warnings
     try:
         owner = os.fstat(dir_fd).st_uid
@@ -221,16 +219,30 @@ def remove_pool(names: PoolNames, group: str | None, *, force: bool) -> tuple[li
                 os.rmdir(names.directory)
                 removed.append(names.directory)
             sems = [names.semaphore_path(token)] if token else []
-            for path in sems + names.stray_semaphores():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                    removed.append(path)
+            _unlink_semaphores(names, sems + names.stray_semaphores(), owner, removed, warnings)
             unlock_byte(lock_fd, REGISTRY_BYTE)
         finally:
             os.close(lock_fd)
     finally:
         os.close(dir_fd)
     return sorted(set(removed)), warnings
+
+
+def _unlink_semaphores(names: PoolNames, paths: list[str], owner: int, removed: list[str],
+                       warnings: list[str]) -> None:
+    """Unlink the semaphore files that belong to the pool's owner; leave (and name) anyone else's."""
+    for path in dict.fromkeys(paths):
+        try:
+            uid = os.lstat(path).st_uid
+        except FileNotFoundError:
+            continue
+        if uid != owner:
+            warnings.append(f"pool {names.name!r}: left {path}: it belongs to {describe_user(uid)}, not to the "
+                            f"pool's owner {describe_user(owner)}")
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed.append(path)
 
 
 def _token(names: PoolNames, dir_fd: int) -> int:
