@@ -26,6 +26,8 @@ import textwrap
 import time
 from dataclasses import dataclass
 
+from helpers_procs import POOL_WORKER, PoolWorker, read_line
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One action per list entry; every failure is reported by errno name, never raised.
@@ -285,3 +287,20 @@ def stop_process(proc: subprocess.Popen) -> None:
         if stream is not None:
             with contextlib.suppress(OSError):
                 stream.close()
+
+
+class UserPoolWorker(PoolWorker):
+    """helpers_procs' PoolWorker (a plain ``PoolConfig(...)``), run as ``user`` (None: root) with ``env`` added."""
+
+    def __init__(self, host: HostUsers, user: User | None, name: str, budget: int, dsn: str, **env: str) -> None:
+        args = ["-c", POOL_WORKER, name, str(budget), dsn]
+        if user is None:
+            self.proc = subprocess.Popen(
+                [sys.executable, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True, bufsize=1, env={**os.environ, **env},
+            )
+        else:
+            self.proc = start_as(host, user, args, **env)
+        line = read_line(self.proc)
+        if not line.startswith("ready"):
+            raise AssertionError(f"pool worker failed to start: {line!r} {self.proc.stderr.read()}")

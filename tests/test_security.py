@@ -23,6 +23,8 @@ import pytest
 from attacker import (
     FileState,
     HostUsers,
+    User,
+    UserPoolWorker,
     owned_in_shm,
     run_cli_as,
     start_as,
@@ -83,11 +85,22 @@ def sentinel(users):
     assert not left, f"objects of the test users left in /dev/shm: {left}"
 
 
+def pool_worker(name: str, dsn: str, host: HostUsers | None = None, user: User | None = None,
+                group: str | None = None) -> PoolWorker:
+    """A worker with a plain ``PoolConfig(...)``: as root or ``user``, with SHAREDPOOL_GROUP set for ``group``."""
+    if host is None:
+        return PoolWorker(name, BUDGET, dsn)
+    return UserPoolWorker(host, user, name, BUDGET, dsn, **({"SHAREDPOOL_GROUP": group} if group else {}))
+
+
 @contextlib.contextmanager
-def idle_holder(dsn: str, name: str, *coordinator_args: str, **coordinator_kwargs: object):
+def idle_holder(dsn: str, name: str, *coordinator_args: str, host: HostUsers | None = None, user: User | None = None,
+                group: str | None = None, **coordinator_kwargs: object):
     """A coordinator, a server sampler, and a worker holding every permit as idle connections."""
+    if group:
+        coordinator_args += ("--group", group)
     with coordinator(name, BUDGET, *coordinator_args, **coordinator_kwargs) as coord, PeakSampler(dsn, name) as sampler:
-        holder = PoolWorker(name, BUDGET, dsn)
+        holder = pool_worker(name, dsn, host, user, group)
         try:
             holder.get(BUDGET)
             holder.do(f"put {BUDGET}")
@@ -105,9 +118,10 @@ def slot_of(name: str, pid: int) -> int:
         ledger.close()
 
 
-def assert_pool_serves(dsn: str, name: str, sampler: PeakSampler, holder: PoolWorker) -> None:
+def assert_pool_serves(dsn: str, name: str, sampler: PeakSampler, holder: PoolWorker,
+                       host: HostUsers | None = None, user: User | None = None, group: str | None = None) -> None:
     """A waiter gets the idle holder's permit within 1 s; cap held on the server; nothing hoarded."""
-    waiter = PoolWorker(name, BUDGET, dsn)
+    waiter = pool_worker(name, dsn, host, user, group)
     try:
         started = time.monotonic()
         [backend] = waiter.get(1)
@@ -325,3 +339,152 @@ def test_the_control_socket_cannot_be_squatted_and_an_unbindable_coordinator_tou
         with open(names.path("ledger"), "rb") as f:
             assert f.read() == ledger_before
         assert FileState.of(names.stray_semaphores()[0]) == sem_before
+
+
+# -- 4. symlinks planted where the lock file and the ledger go --------------------------------
+
+
+@pytest.fixture
+def symlinks_followed():
+    """fs.protected_symlinks = 0 for the test (the kernel's own guard off), restored after."""
+    path = "/proc/sys/fs/protected_symlinks"
+    with open(path) as f:
+        old = f.read().strip()
+    with open(path, "w") as f:
+        f.write("0")
+    try:
+        yield
+    finally:
+        with open(path, "w") as f:
+            f.write(old)
+
+
+def start_group_dir(names: PoolNames, group: str) -> None:
+    """The pool directory as a root coordinator with GROUP makes it (root, 2770), before anything is in it."""
+    from sharedpool.names import open_directory
+
+    os.close(open_directory(names, group, create=True, strict=True))
+    info = os.stat(names.directory)
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o2770)
+
+
+def test_symlinks_planted_for_the_lock_file_and_ledger_are_refused(dsn, unique_name, users, sentinel,
+                                                                    symlinks_followed):
+    names = PoolNames(unique_name)
+    target = FileState.of(sentinel)
+    legacy = [f"/dev/shm/sharedpool.{unique_name}", f"/dev/shm/sharedpool.{unique_name}.lock"]
+    try:
+        # in a directory of the attacker's: refused before anything in it is opened
+        assert try_as(users, users.attacker, [
+            ["mkdir", names.directory, 0o777], ["symlink", sentinel, names.path("locks")],
+            ["symlink", sentinel, names.path("ledger")],
+        ] + [["symlink", sentinel, path] for path in legacy]) == ["ok"] * 5
+        done = run_cli("coordinator", "--name", unique_name, "--budget", str(BUDGET), timeout=20)
+        assert_refused(done, f"{names.directory} belongs to {users.attacker.name}")
+        remove_planted(names.directory)
+        # the old layout's flat names, planted as symlinks, are nothing to the new one
+        with idle_holder(dsn, unique_name) as (coord, sampler, holder):
+            assert_pool_serves(dsn, unique_name, sampler, holder)
+        assert all(os.path.islink(path) for path in legacy)
+
+        # in the pool's own directory, shared with GROUP: a member plants them (nobody else can)
+        group = users.group_name
+        for planted in ("locks", "ledger"):
+            start_group_dir(names, group)
+            assert try_as(users, users.member, [["symlink", sentinel, names.path(planted)]]) == ["ok"]
+            done = run_cli("coordinator", "--name", unique_name, "--budget", str(BUDGET), "--group", group,
+                           timeout=20)
+            assert_refused(done, f"pool {unique_name!r}: {names.path(planted)} is a symlink; refusing to follow it")
+            assert os.readlink(names.path(planted)) == sentinel
+            assert not os.path.exists(names.path("ledger")) or planted == "ledger"
+            assert not names.stray_semaphores()
+            remove_pool_objects(unique_name)
+        # a symlink where the control socket goes is removed (never followed), and the pool starts
+        start_group_dir(names, group)
+        assert try_as(users, users.member, [["symlink", sentinel, names.path(CONTROL_SOCKET)]]) == ["ok"]
+        with idle_holder(dsn, unique_name, host=users, group=group) as (coord, sampler, holder):
+            assert stat.S_ISSOCK(os.lstat(names.path(CONTROL_SOCKET)).st_mode)
+            assert_pool_serves(dsn, unique_name, sampler, holder, users, group=group)
+    finally:
+        remove_planted(names.directory, *legacy)
+        remove_pool_objects(unique_name)
+    assert FileState.of(sentinel) == target, "the root-only target of the symlinks changed"
+
+
+# -- 5. a foreign ledger, pre-created semaphores ----------------------------------------------
+
+
+def forged_ledger(budget: int = 6) -> str:
+    """A valid-looking ledger (hex) that promises more permits than the pool's budget."""
+    from sharedpool.ledger import HEADER_SIZE, LAYOUT_VERSION, MAGIC, SLOT_SIZE, Header, segment_size
+
+    header = Header(magic=MAGIC, version=LAYOUT_VERSION, header_size=HEADER_SIZE, slot_size=SLOT_SIZE, nslots=8,
+                    budget=budget, physical=budget, epoch=1, token=0x5EC)
+    return bytes(header).ljust(segment_size(8), b"\0").hex()
+
+
+def test_a_foreign_ledger_is_refused_and_presquatted_semaphores_cannot_block(dsn, unique_name, users, sentinel):
+    names = PoolNames(unique_name)
+    attacker, member = users.attacker, users.member
+    try:
+        # the attacker's directory and ledger, mode 0666, there before the pool
+        assert try_as(users, attacker, [["mkdir", names.directory, 0o777],
+                                        ["write", names.path("ledger"), forged_ledger(), 0o666]]) == ["ok", "ok"]
+        before = tree_state(names.directory)
+        done = run_cli("coordinator", "--name", unique_name, "--budget", str(BUDGET), timeout=20)
+        assert_refused(done, f"{names.directory} belongs to {attacker.name} (uid {attacker.uid})", "its mode is 0777",
+                       "GROUP", "another NAME")
+        assert tree_state(names.directory) == before
+        remove_planted(names.directory)
+
+        # in the pool's own GROUP directory, a member's ledger (0666): root does not adopt it either
+        start_group_dir(names, users.group_name)
+        assert try_as(users, member, [["write", names.path("ledger"), forged_ledger(), 0o666]]) == ["ok"]
+        before = tree_state(names.path("ledger"))
+        done = run_cli("coordinator", "--name", unique_name, "--budget", str(BUDGET), "--group", users.group_name,
+                       timeout=20)
+        assert_refused(done, f"{names.path('ledger')} belongs to {member.name} (uid {member.uid}), not to root (uid 0)",
+                       "its mode is 0666")
+        assert tree_state(names.path("ledger")) == before and not names.stray_semaphores()
+        remove_pool_objects(unique_name)
+
+        # the owner's own ledger, but opened to everyone: refused too, naming the mode
+        os.mkdir(names.directory, 0o700)
+        fd = os.open(names.path("ledger"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, bytes.fromhex(forged_ledger()))
+        os.fchmod(fd, 0o666)
+        os.close(fd)
+        done = run_cli("coordinator", "--name", unique_name, "--budget", str(BUDGET), timeout=20)
+        assert_refused(done, f"{names.path('ledger')} has mode 0666, wider than 0600 (no GROUP configured); "
+                       "owner root (uid 0)")
+        remove_pool_objects(unique_name)
+
+        # semaphore names made by the attacker first (random tokens, the old fixed name): no effect
+        squats = [f"/dev/shm/sem.sharedpool.{unique_name}.{secrets.token_hex(8)}" for _ in range(5)]
+        squats.append(f"/dev/shm/sem.sharedpool.{unique_name}")
+        assert try_as(users, attacker, [["write", path, "00" * 32, 0o666] for path in squats]) == ["ok"] * 6
+        before = {path: FileState.of(path) for path in squats}
+        with idle_holder(dsn, unique_name) as (coord, sampler, holder):
+            ledger = Ledger.attach(unique_name, mapped=False)
+            try:
+                assert ledger.names.semaphore_path(ledger.token) not in squats
+            finally:
+                ledger.close()
+            assert_pool_serves(dsn, unique_name, sampler, holder)
+            assert coord.stop() == 0  # with --remove-on-exit: it removes its own objects, not the attacker's
+            assert {path: FileState.of(path) for path in squats} == before
+            assert not os.path.exists(names.directory)
+        # cleanup removes the pool's own objects only, whoever runs it (the test helper above took them all)
+        assert try_as(users, attacker, [["write", path, "00" * 32, 0o666] for path in squats[:5]]) == ["ok"] * 5
+        before = {path: FileState.of(path) for path in squats}
+        done = run_cli("cleanup", "--name", unique_name)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.count(f"it belongs to {attacker.name} (uid {attacker.uid}), not to the pool's owner root "
+                                 "(uid 0)") == 5, done.stderr
+        assert {path: FileState.of(path) for path in squats} == before
+    finally:
+        for path in [f"/dev/shm/sem.sharedpool.{unique_name}"] + names.stray_semaphores():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        remove_planted(names.directory)
+        remove_pool_objects(unique_name)
