@@ -41,7 +41,6 @@ from helpers_procs import (
     read_line,
     remove_pool_objects,
     run_cli,
-    sem_free,
     wait_until,
 )
 from sharedpool import channel
@@ -104,10 +103,18 @@ def idle_holder(dsn: str, name: str, *coordinator_args: str, host: HostUsers | N
         try:
             holder.get(BUDGET)
             holder.do(f"put {BUDGET}")
-            assert sem_free(name) == 0
+            assert sem_free(name, group) == 0
             yield coord, sampler, holder
         finally:
             holder.kill()
+
+
+def sem_free(name: str, group: str | None = None) -> int:
+    ledger = Ledger.attach(name, group=group, mapped=False)
+    try:
+        return ledger.sem.value
+    finally:
+        ledger.close()
 
 
 def slot_of(name: str, pid: int) -> int:
@@ -132,7 +139,8 @@ def assert_pool_serves(dsn: str, name: str, sampler: PeakSampler, holder: PoolWo
         holder.exit()
     finally:
         waiter.kill()
-    assert wait_until(lambda: sem_free(name) == BUDGET, 3), f"permits hoarded: {sem_free(name)} of {BUDGET} free"
+    assert wait_until(lambda: sem_free(name, group) == BUDGET, 3), \
+        f"permits hoarded: {sem_free(name, group)} of {BUDGET} free"
     assert sampler.stop() <= BUDGET, f"server saw {sampler.peak} connections on budget {BUDGET}"
 
 
