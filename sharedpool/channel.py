@@ -25,13 +25,22 @@ MAX_MESSAGE = 256
 DROP_LOG_EVERY = 10.0  # seconds between two log lines about dropped datagrams
 
 
-def send(names: PoolNames, entry: str, message: bytes) -> bool:
-    """Send one datagram without blocking; tell whether someone was listening."""
+def send(names: PoolNames, entry: str, message: bytes, wait: float = 0.0) -> bool:
+    """Send one datagram; tell whether someone was listening and took it.
+
+    With ``wait`` 0 it never blocks; otherwise it waits up to ``wait``
+    seconds for room in a full queue (a command asking the coordinator
+    while someone floods it).
+    """
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.setblocking(False)
+        if wait > 0:
+            sock.settimeout(wait)
+        else:
+            sock.setblocking(False)
         try:
             sock.sendto(message, names.path(entry))
-        except (ConnectionRefusedError, FileNotFoundError, BlockingIOError, PermissionError, NotADirectoryError):
+        except (ConnectionRefusedError, FileNotFoundError, BlockingIOError, PermissionError, NotADirectoryError,
+                TimeoutError):
             return False
     return True
 
