@@ -208,14 +208,27 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def try_as(host: HostUsers, user: User, actions: list[list], timeout: float = 30.0) -> list:
-    """Run ``actions`` (see TOOL) as ``user``; return one result per action."""
-    done = subprocess.run(
-        [host.python, "-I", "-c", TOOL, json.dumps(actions)], capture_output=True, text=True, timeout=timeout,
-        stdin=subprocess.DEVNULL, cwd="/", env=clean_env(), **user.subprocess_ids(),
+def start_tool(host: HostUsers, user: User | None, actions: list[list]) -> subprocess.Popen:
+    """Start ``actions`` (see TOOL) as ``user`` (None: root); ``tool_results`` collects them."""
+    return subprocess.Popen(
+        [host.python if user else sys.executable, "-I", "-c", TOOL, json.dumps(actions)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd="/", env=clean_env(),
+        **(user.subprocess_ids() if user else {}),
     )
-    assert done.returncode == 0, f"attacker tool failed: {done.stderr}"
-    return json.loads(done.stdout)
+
+
+def tool_results(proc: subprocess.Popen, timeout: float = 30.0) -> list:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0, f"attacker tool failed: {err}"
+    return json.loads(out)
+
+
+def try_as(host: HostUsers, user: User | None, actions: list[list], timeout: float = 30.0) -> list:
+    """Run ``actions`` (see TOOL) as ``user`` (None: root); return one result per action."""
+    return tool_results(start_tool(host, user, actions), timeout)
 
 
 def start_as(host: HostUsers, user: User, args: list[str], **env: str) -> subprocess.Popen:

@@ -28,6 +28,8 @@ from attacker import (
     owned_in_shm,
     run_cli_as,
     start_as,
+    start_tool,
+    tool_results,
     stop_process,
     tree_state,
     try_as,
@@ -496,3 +498,58 @@ def test_a_foreign_ledger_is_refused_and_presquatted_semaphores_cannot_block(dsn
                 os.unlink(path)
         remove_planted(names.directory)
         remove_pool_objects(unique_name)
+
+
+# -- 6. floods of the control socket -------------------------------------------------------
+
+
+def test_control_floods_cost_little_and_reload_and_status_still_work(dsn, unique_name, users, sentinel):
+    names = PoolNames(unique_name)
+    control = names.path(CONTROL_SOCKET)
+    bogus = ["hello", "budget abc", "budget 0", "budget -1", "x" * 200, "exit 1", "\x00\xff" * 40, "stop", "shed"]
+    with idle_holder(dsn, unique_name) as (coord, sampler, holder):
+        log_before = len(coord.log())
+        attacker = start_tool(users, users.attacker, [["flood", control, ["budget 100", "stop"], 3.0]])
+        flooder = start_tool(users, None, [["flood", control, bogus, 3.0]])  # same user: trusted, but nonsense
+        time.sleep(0.3)
+        answers = []
+        for budget in (3, 1, 2):
+            started = time.monotonic()
+            done = run_cli("reload", "--name", unique_name, "--budget", str(budget), "--wait", "10")
+            answers.append((done.returncode, done.stdout + done.stderr, time.monotonic() - started))
+            done = run_cli("status", "--name", unique_name, "--json", "--rate-window", "0")
+            answers.append((done.returncode, done.stdout[:80] + done.stderr, 0.0))
+            if done.returncode == 0:
+                answers.append((json.loads(done.stdout)["budget"] - budget, "budget shown - budget asked", 0.0))
+        [attacked] = tool_results(attacker)
+        [flooded] = tool_results(flooder)
+        assert set(attacked) == {"EACCES"}, attacked  # the attacker cannot even connect
+        assert flooded.get("ok", 0) > 1000, flooded  # the flood was real
+        assert all(code == 0 for code, _, _ in answers), "\n".join(map(repr, answers))
+        log = coord.log()[log_before:]
+        assert len(log) < 4000, f"the flood grew the log by {len(log)} bytes:\n{log[-2000:]}"
+        assert 1 <= log.count(f"pool {unique_name!r}: ignored ") <= 6, log  # a burst of lines, then one per interval
+        holder.get(1)  # the permit the cut to 1 retired is back after the raise to 2
+        holder.do("put 1")
+        assert_pool_serves(dsn, unique_name, sampler, holder)
+
+    # defence in depth: with the directory and socket opened to everyone by mistake, the kernel-checked
+    # credentials still drop every datagram of the attacker's, logged once per interval with a count
+    with idle_holder(dsn, unique_name) as (coord, sampler, holder):
+        os.chmod(names.directory, 0o711)
+        os.chmod(control, 0o666)
+        try:
+            [flooded] = try_as(users, users.attacker, [["flood", control, ["budget 100", "stop", "shed"], 1.0]])
+        finally:
+            os.chmod(control, 0o600)
+            os.chmod(names.directory, 0o700)
+        assert flooded.get("ok", 0) > 100, flooded
+        assert wait_until(lambda: "from untrusted senders" in coord.log(), 2), coord.log()
+        dropped = [line for line in coord.log().splitlines() if "from untrusted senders" in line]
+        assert len(dropped) == 1 and f"{control}: dropped" in dropped[0], dropped
+        ledger = Ledger.attach(unique_name, mapped=False)
+        try:
+            assert ledger.header.budget == BUDGET
+        finally:
+            ledger.close()
+        assert_pool_serves(dsn, unique_name, sampler, holder)
