@@ -198,7 +198,7 @@ def open_entry(names: PoolNames, dir_fd: int, entry: str, flags: int, group: str
     _, file_mode = modes(group)
     path = names.path(entry)
     try:
-        fd = os.open(entry, flags | _OPEN_FLAGS, file_mode, dir_fd=dir_fd)
+        fd, created = _open_or_create(entry, flags, file_mode, dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise PoolPermissionError(f"pool {names.name!r}: {path} is a symlink; refusing to follow it") from None
@@ -209,7 +209,7 @@ def open_entry(names: PoolNames, dir_fd: int, entry: str, flags: int, group: str
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise LedgerError(f"pool {names.name!r}: {path} is not a regular file")
-        if flags & os.O_CREAT and flags & os.O_EXCL:
+        if created:
             os.fchmod(fd, file_mode)
             if group:
                 os.fchown(fd, -1, group_id(group))
@@ -219,6 +219,22 @@ def open_entry(names: PoolNames, dir_fd: int, entry: str, flags: int, group: str
         os.close(fd)
         raise
     return fd
+
+
+def _open_or_create(entry: str, flags: int, file_mode: int, dir_fd: int) -> tuple[int, bool]:
+    """Open ``entry``; with O_CREAT, tell whether this call created it (its mode is then ours to set)."""
+    if not flags & os.O_CREAT or flags & os.O_EXCL:
+        return os.open(entry, flags | _OPEN_FLAGS, file_mode, dir_fd=dir_fd), bool(flags & os.O_CREAT)
+    for _ in range(100):
+        try:
+            return os.open(entry, flags | os.O_EXCL | _OPEN_FLAGS, file_mode, dir_fd=dir_fd), True
+        except FileExistsError:
+            pass
+        try:
+            return os.open(entry, flags & ~os.O_CREAT | _OPEN_FLAGS, dir_fd=dir_fd), False
+        except FileNotFoundError:
+            continue  # removed between the two opens: create it after all
+    raise FileExistsError(errno.EEXIST, "appears and vanishes repeatedly", entry)
 
 
 # -- open-file-description locks -----------------------------------------------------
