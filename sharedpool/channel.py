@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pwd
 import socket
 import struct
 import time
@@ -53,6 +54,7 @@ class Inbox:
         self.path = names.path(entry)
         self.trusted_uids = {0, owner_uid, os.geteuid()}
         self.trusted_gid = group_id(group) if group else None
+        self._members: dict[int, bool] = {}  # uid -> member of GROUP (primary or supplementary)
         self.dropped = 0
         self._dropped_logged = 0
         self._next_drop_log = 0.0
@@ -96,8 +98,24 @@ class Inbox:
         for level, kind, data in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= UCRED.size:
                 _, uid, gid = UCRED.unpack_from(data)
-                return uid in self.trusted_uids or (self.trusted_gid is not None and gid == self.trusted_gid)
+                if uid in self.trusted_uids:
+                    return True
+                return self.trusted_gid is not None and (gid == self.trusted_gid or self._member(uid))
         return False
+
+    def _member(self, uid: int) -> bool:
+        """Tell whether ``uid`` is in GROUP: the credentials carry only the sender's effective gid,
+        and members usually have GROUP as a supplementary group (``usermod -aG``)."""
+        known = self._members.get(uid)
+        if known is None:
+            try:
+                entry = pwd.getpwuid(uid)
+                known = self.trusted_gid in os.getgrouplist(entry.pw_name, entry.pw_gid)
+            except (KeyError, OSError):
+                known = False
+            if len(self._members) < 4096:
+                self._members[uid] = known
+        return known
 
     def close(self, unlink: bool = True) -> None:
         """Close; remove the socket file only while it is still the one we bound."""
