@@ -15,7 +15,7 @@ import time
 import posix_ipc
 
 from sharedpool.channel import Inbox
-from sharedpool.errors import LedgerError, SharedPoolError
+from sharedpool.errors import LedgerError, PoolPermissionError, SharedPoolError
 from sharedpool.ledger import HEADER_SIZE, SLOT_ACTIVE, SLOT_SIZE, Header, Ledger, Slot, sealed, validate_segment
 from sharedpool.names import (
     CONTROL_SOCKET,
@@ -191,7 +191,14 @@ def remove_pool(names: PoolNames, group: str | None, *, force: bool) -> tuple[li
         _unlink_semaphores(names, names.stray_semaphores(), os.geteuid(), removed, warnings)
         return removed, warnings
     try:
-        owner = os.fstat(dir_fd).st_uid
+        info = os.fstat(dir_fd)
+        owner = info.st_uid
+        if os.geteuid() not in (0, owner):  # GROUP lets a member in, not remove what it cannot finish removing
+            raise PoolPermissionError(
+                f"pool {names.name!r}: {names.directory} belongs to {describe_user(owner)} (mode "
+                f"{info.st_mode & 0o777:04o}); only its owner or root can remove the pool, and this process runs "
+                f"as {describe_user(os.geteuid())}"
+            )
         lock_fd = open_entry(names, dir_fd, LOCK_FILE, os.O_RDWR | os.O_CREAT, group, owner=owner)
         try:
             if not lock_byte(lock_fd, COORDINATOR_BYTE):
