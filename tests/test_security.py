@@ -553,3 +553,97 @@ def test_control_floods_cost_little_and_reload_and_status_still_work(dsn, unique
         finally:
             ledger.close()
         assert_pool_serves(dsn, unique_name, sampler, holder)
+
+
+# -- 7. GROUP from a shell ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_group_from_a_shell_shares_the_pool_and_everyone_else_gets_a_clear_refusal(dsn, unique_name, users, sentinel):
+    names = PoolNames(unique_name)
+    group, member, attacker = users.group_name, users.member, users.attacker
+    old_umask = os.umask(0o022)  # a coordinator started from a login shell
+    try:
+        holder_context = idle_holder(dsn, unique_name, host=users, user=member, group=group, remove_on_exit=False)
+        coord, sampler, holder = holder_context.__enter__()
+    finally:
+        os.umask(old_umask)
+    try:
+        # modes set with fchmod whatever the umask; the group everywhere
+        ledger = Ledger.attach(unique_name, group=group, mapped=False)
+        try:
+            sem_path = names.semaphore_path(ledger.token)
+        finally:
+            ledger.close()
+        expected = {names.directory: 0o2770, names.path("ledger"): 0o660, names.path("locks"): 0o660,
+                    names.path(CONTROL_SOCKET): 0o660, sem_path: 0o660}
+        for path, mode in expected.items():
+            info = os.lstat(path)
+            assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (mode, 0, users.gid), path
+        # a member's worker (plain PoolConfig(...), SHAREDPOOL_GROUP in its environment) holds the permits idle;
+        # a root worker waiting gets one from it, and a member waiting gets one from a root holder
+        assert_pool_serves(dsn, unique_name, sampler, holder, users, None, group)
+        sampler = PeakSampler(dsn, unique_name)
+        sampler.start()
+        holder = pool_worker(unique_name, dsn, users, None, group)
+        holder.get(BUDGET)
+        holder.do(f"put {BUDGET}")
+        assert_pool_serves(dsn, unique_name, sampler, holder, users, member, group)
+
+        # the commands honour --group and SHAREDPOOL_GROUP for a member
+        for how in (("--group", group), ()):
+            env = {} if how else {"SHAREDPOOL_GROUP": group}
+            done = run_cli_as(users, member, "status", "--name", unique_name, "--json", "--rate-window", "0", *how,
+                              **env)
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["budget"] == BUDGET
+            done = run_cli_as(users, member, "reload", "--name", unique_name, "--budget", "3", *how, **env)
+            assert done.returncode == 0 and "budget 3" in done.stdout, done.stderr
+            done = run_cli_as(users, member, "reload", "--name", unique_name, "--budget", str(BUDGET), *how, **env)
+            assert done.returncode == 0, done.stderr
+            done = run_cli_as(users, member, "cleanup", "--name", unique_name, *how, **env)  # let in, but not root
+            assert_refused(done, f"pool {unique_name!r}: {names.directory} belongs to root (uid 0) (mode 0770); only "
+                           f"its owner or root can remove the pool, and this process runs as {member.name}")
+        port = free_port()
+        metrics = start_as(users, member, ["-m", "sharedpool.coordinator", "metrics", "--name", unique_name,
+                                           "--port", str(port)], SHAREDPOOL_GROUP=group)
+        try:
+            def scrape() -> str:
+                with contextlib.suppress(OSError):
+                    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+                assert metrics.poll() is None, metrics.stderr.read()
+                return ""
+
+            page = wait_until(scrape, 15, 0.05)
+            assert f'"{unique_name}"' in page, page[:500]
+        finally:
+            stop_process(metrics)
+        # without the group a member is told what to set; another user is told who owns it, and its mode
+        done = run_cli_as(users, member, "status", "--name", unique_name)
+        assert_refused(done, f"{names.directory} belongs to root (uid 0), not to {member.name}", "its mode is 0770",
+                       "set GROUP")
+        for command in (["status"], ["reload", "--budget", "5"], ["cleanup"]):
+            done = run_cli_as(users, attacker, command[0], "--name", unique_name, *command[1:])
+            assert_refused(done, f"pool {unique_name!r}: no permission to open {names.directory}; it belongs to "
+                           f"root (uid 0), group {group} (gid {users.gid}), mode 0770")
+        # a stopped pool: a member may not remove root's pool; it is told why, and nothing is removed
+        assert coord.stop() == 0
+        before = {**tree_state(names.directory), sem_path: FileState.of(sem_path)}
+        done = run_cli_as(users, member, "cleanup", "--name", unique_name, "--group", group)
+        assert_refused(done, f"{names.directory} belongs to root (uid 0)", "mode 0770")
+        assert {**tree_state(names.directory), sem_path: FileState.of(sem_path)} == before
+        done = run_cli_as(users, None, "cleanup", "--name", unique_name, "--group", group)
+        assert done.returncode == 0, done.stderr
+        assert not os.path.exists(names.directory) and not os.path.exists(sem_path)
+    finally:
+        holder.kill()
+        with contextlib.suppress(AssertionError):
+            sampler.stop()
+        holder_context.__exit__(None, None, None)
