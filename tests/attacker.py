@@ -115,16 +115,17 @@ class User:
         return {"user": self.uid, "group": self.gid, "extra_groups": list(self.extra_gids)}
 
 
-def _admin(*argv: str) -> None:
-    """Run useradd/groupadd/userdel; other engineers' tests may hold /etc/passwd's lock a moment."""
-    for attempt in range(50):
+def _admin(*argv: str, patience: float = 20.0) -> None:
+    """Run useradd/groupadd/userdel, retrying: other tests on the host may hold /etc/passwd's lock a while,
+    and a user's last process may still be exiting."""
+    deadline = time.monotonic() + patience
+    while True:
         done = subprocess.run(argv, capture_output=True, text=True)
         if done.returncode == 0:
             return
-        if "lock" not in done.stderr and attempt:
-            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
         time.sleep(0.1)
-    raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
 
 
 class HostUsers:
@@ -187,18 +188,25 @@ class HostUsers:
         return User(name, entry.pw_uid, entry.pw_gid, extra_gids)
 
     def remove(self) -> None:
+        """Remove the users (and the groups useradd made for them), then the group; raise what failed."""
+        failures = []
         for name in reversed(self._users):
-            with contextlib.suppress(RuntimeError):
+            try:
                 _admin("userdel", name)
-            # useradd --user-group made a group of the same name; userdel removes it
+            except RuntimeError as exc:
+                failures.append(str(exc))
         self._users = []
         if self.site_dir:
             shutil.rmtree(self.site_dir, ignore_errors=True)
             self.site_dir = None
         if self._group:
-            with contextlib.suppress(RuntimeError):
+            try:
                 _admin("groupdel", self.group_name)
+            except RuntimeError as exc:
+                failures.append(str(exc))
             self._group = False
+        if failures:
+            raise RuntimeError("; ".join(failures))
 
 
 def clean_env(**extra: str) -> dict[str, str]:
