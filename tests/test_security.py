@@ -195,6 +195,17 @@ def checkout_as_root(name: str, dsn: str) -> str:
     return done.stdout.strip()
 
 
+def checkout_as(host: HostUsers, user: User, name: str, dsn: str) -> str:
+    """The same, in a worker of another user."""
+    proc = start_as(host, user, ["-c", CHECKOUT, name, dsn])
+    try:
+        out, err = proc.communicate(timeout=30)
+    finally:
+        stop_process(proc)
+    assert "Traceback" not in err, err
+    return out.strip()
+
+
 def assert_refused(done: subprocess.CompletedProcess, *fragments: str) -> str:
     """A command failed cleanly: exit 1, no traceback, every fragment in its message."""
     assert done.returncode == 1, f"exit {done.returncode}: {done.stdout} {done.stderr}"
@@ -250,6 +261,13 @@ def test_nobody_can_squat_worker_sockets_or_the_pool_directory(dsn, unique_name,
                                f"(uid {attacker.uid}), not to root (uid 0)", "GROUP", "another NAME")
                 assert checkout_as_root(unique_name, dsn).startswith(
                     f"PoolPermissionError: pool {unique_name!r}: {names.directory} belongs to {attacker.name}")
+                assert checkout_as(users, users.member, unique_name, dsn).startswith(
+                    f"PoolPermissionError: pool {unique_name!r}: {names.directory} belongs to {attacker.name}")
+                os.chmod(names.directory, 0o700)  # closed: a non-root worker cannot even look inside
+                assert checkout_as(users, users.member, unique_name, dsn).startswith(
+                    f"PoolPermissionError: pool {unique_name!r}: no permission to open {names.directory}; it belongs "
+                    f"to {attacker.name}")
+                os.chmod(names.directory, 0o777)
             else:
                 assert_refused(done, f"{names.directory} is not a directory (a symlink")
                 assert checkout_as_root(unique_name, dsn).startswith(
