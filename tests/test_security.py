@@ -29,18 +29,16 @@ from attacker import (
     run_cli_as,
     start_as,
     start_tool,
-    tool_results,
     stop_process,
+    tool_results,
     tree_state,
     try_as,
 )
 from helpers_procs import (
     PYTHON,
-    CoordinatorProc,
     PeakSampler,
     PoolWorker,
     coordinator,
-    read_line,
     remove_pool_objects,
     run_cli,
     wait_until,
@@ -80,9 +78,12 @@ def sentinel(users):
             os.unlink(path)
     left = owned_in_shm({users.attacker.uid, users.member.uid})
     for entry in left:
-        remove_pool_objects(entry)  # not a pool name: removes nothing; the unlink below does
+        path = f"/dev/shm/{entry}"
         with contextlib.suppress(OSError):
-            os.unlink(f"/dev/shm/{entry}")
+            if os.path.isdir(path) and not os.path.islink(path):
+                remove_planted(path)
+            else:
+                os.unlink(path)
     assert not left, f"objects of the test users left in /dev/shm: {left}"
 
 
