@@ -279,10 +279,13 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 def cmd_reload(args: argparse.Namespace) -> int:
     ledger = Ledger.attach(args.name, group=args.group, mapped=False)
     try:
-        if not ledger.coordinator_alive() or not channel.send(
-            PoolNames(args.name), CONTROL_SOCKET, f"budget {args.budget}".encode()
-        ):
+        if not ledger.coordinator_alive():
             print(f"sharedpool reload: no coordinator is running for pool {args.name!r}", file=sys.stderr)
+            return 1
+        if not channel.send(PoolNames(args.name), CONTROL_SOCKET, f"budget {args.budget}".encode(), wait=5.0):
+            print(f"sharedpool reload: pool {args.name!r}: the coordinator (pid {ledger.header.coordinator_pid}) "
+                  f"did not take the request within 5 s (is something flooding {PoolNames(args.name).path(CONTROL_SOCKET)}?)",
+                  file=sys.stderr)
             return 1
         started = time.monotonic()
         header = ledger.header

@@ -55,6 +55,7 @@ TICK = 0.1  # seconds between passes when no event arrives
 AUDIT_EVERY = 0.5
 RECLAIM_POLL = 0.005  # seconds between /proc checks while a dead worker's backends exit
 BACKEND_WARN_AFTER = 5.0  # seconds a dead worker's backend may run before a warning
+BAD_LOG_BURST = 5  # bad control requests logged one by one before one line per DROP_LOG_EVERY
 CUT_SHED_EVERY = 0.1  # seconds between shed requests to idle holders while a budget cut is retired
 
 __all__ = ["Coordinator", "CoordinatorError", "Options"]
@@ -107,6 +108,8 @@ class Coordinator:
         self._next_audit = 0.0
         self._next_watchdog = 0.0
         self._next_cut_shed = 0.0
+        self._bad_unlogged = 0  # bad control requests not logged yet
+        self._log_tokens, self._log_refilled = float(BAD_LOG_BURST), time.monotonic()
         self._pid_ns = pid_namespace()
         self._wakeup_r = self._wakeup_w = -1
 
@@ -437,11 +440,25 @@ class Coordinator:
                 try:
                     budget = SETTINGS["POOL_SIZE"][0]("POOL_SIZE", argument)
                 except ConfigError as exc:
-                    log.warning("pool %r: ignored budget request %r: %s", self.name, argument[:32], exc)
+                    self._bad_request(f"budget request {argument[:32]!r}: {exc}")
                     continue
                 self.set_budget(budget)
             else:
-                self.ledger.header.dropped_messages += 1
+                self._bad_request(f"unknown request {verb[:32]!r}")
+
+    def _bad_request(self, what: str) -> None:
+        """Count a trusted sender's bad request; log a few, then one line per interval with a count."""
+        self.ledger.header.dropped_messages += 1
+        now = time.monotonic()
+        self._log_tokens = min(BAD_LOG_BURST, self._log_tokens + (now - self._log_refilled) / channel.DROP_LOG_EVERY)
+        self._log_refilled = now
+        if self._log_tokens < 1:
+            self._bad_unlogged += 1
+            return
+        self._log_tokens -= 1
+        log.warning("pool %r: ignored %s%s", self.name, what,
+                    f" ({self._bad_unlogged} more bad request(s) since the last line)" if self._bad_unlogged else "")
+        self._bad_unlogged = 0
 
     def check_exit(self, now: float, facts: list[SlotFacts]) -> None:
         if facts or self.pending:

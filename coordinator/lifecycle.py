@@ -17,7 +17,7 @@ from typing import TypeVar
 import posix_ipc
 
 from sharedpool.channel import Inbox
-from sharedpool.errors import LedgerError, SharedPoolError
+from sharedpool.errors import LedgerError, PoolPermissionError, SharedPoolError
 from sharedpool.ledger import HEADER_SIZE, SLOT_ACTIVE, SLOT_SIZE, Header, Ledger, Slot, sealed, validate_segment
 from sharedpool.names import (
     CONTROL_SOCKET,
@@ -28,6 +28,7 @@ from sharedpool.names import (
     SLOT_LOCK_BASE,
     PoolNames,
     byte_locked,
+    describe_user,
     lock_byte,
     modes,
     open_directory,
@@ -189,13 +190,17 @@ def remove_pool(names: PoolNames, group: str | None, *, force: bool) -> tuple[li
     except LedgerError as exc:
         if "no pool directory" not in str(exc):
             raise
-        for path in names.stray_semaphores():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-                removed.append(path)
+        _unlink_semaphores(names, names.stray_semaphores(), os.geteuid(), removed, warnings)
         return removed, warnings
     try:
-        owner = os.fstat(dir_fd).st_uid
+        info = os.fstat(dir_fd)
+        owner = info.st_uid
+        if os.geteuid() not in (0, owner):  # GROUP lets a member in, not remove what it cannot finish removing
+            raise PoolPermissionError(
+                f"pool {names.name!r}: {names.directory} belongs to {describe_user(owner)} (mode "
+                f"{info.st_mode & 0o777:04o}); only its owner or root can remove the pool, and this process runs "
+                f"as {describe_user(os.geteuid())}"
+            )
         lock_fd = open_entry(names, dir_fd, LOCK_FILE, os.O_RDWR | os.O_CREAT, group, owner=owner)
         try:
             if not lock_byte(lock_fd, COORDINATOR_BYTE):
@@ -223,16 +228,30 @@ def remove_pool(names: PoolNames, group: str | None, *, force: bool) -> tuple[li
                 os.rmdir(names.directory)
                 removed.append(names.directory)
             sems = [names.semaphore_path(token)] if token else []
-            for path in sems + names.stray_semaphores():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                    removed.append(path)
+            _unlink_semaphores(names, sems + names.stray_semaphores(), owner, removed, warnings)
             unlock_byte(lock_fd, REGISTRY_BYTE)
         finally:
             os.close(lock_fd)
     finally:
         os.close(dir_fd)
     return sorted(set(removed)), warnings
+
+
+def _unlink_semaphores(names: PoolNames, paths: list[str], owner: int, removed: list[str],
+                       warnings: list[str]) -> None:
+    """Unlink the semaphore files that belong to the pool's owner; leave (and name) anyone else's."""
+    for path in dict.fromkeys(paths):
+        try:
+            uid = os.lstat(path).st_uid
+        except FileNotFoundError:
+            continue
+        if uid != owner:
+            warnings.append(f"pool {names.name!r}: left {path}: it belongs to {describe_user(uid)}, not to the "
+                            f"pool's owner {describe_user(owner)}")
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed.append(path)
 
 
 def _token(names: PoolNames, dir_fd: int) -> int:

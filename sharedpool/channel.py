@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pwd
 import socket
 import struct
 import time
@@ -25,13 +26,22 @@ MAX_MESSAGE = 256
 DROP_LOG_EVERY = 10.0  # seconds between two log lines about dropped datagrams
 
 
-def send(names: PoolNames, entry: str, message: bytes) -> bool:
-    """Send one datagram without blocking; tell whether someone was listening."""
+def send(names: PoolNames, entry: str, message: bytes, wait: float = 0.0) -> bool:
+    """Send one datagram; tell whether someone was listening and took it.
+
+    With ``wait`` 0 it never blocks; otherwise it waits up to ``wait``
+    seconds for room in a full queue (a command asking the coordinator
+    while someone floods it).
+    """
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.setblocking(False)
+        if wait > 0:
+            sock.settimeout(wait)
+        else:
+            sock.setblocking(False)
         try:
             sock.sendto(message, names.path(entry))
-        except (ConnectionRefusedError, FileNotFoundError, BlockingIOError, PermissionError, NotADirectoryError):
+        except (ConnectionRefusedError, FileNotFoundError, BlockingIOError, PermissionError, NotADirectoryError,
+                TimeoutError):
             return False
     return True
 
@@ -44,6 +54,7 @@ class Inbox:
         self.path = names.path(entry)
         self.trusted_uids = {0, owner_uid, os.geteuid()}
         self.trusted_gid = group_id(group) if group else None
+        self._members: dict[int, bool] = {}  # uid -> member of GROUP (primary or supplementary)
         self.dropped = 0
         self._dropped_logged = 0
         self._next_drop_log = 0.0
@@ -87,8 +98,24 @@ class Inbox:
         for level, kind, data in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= UCRED.size:
                 _, uid, gid = UCRED.unpack_from(data)
-                return uid in self.trusted_uids or (self.trusted_gid is not None and gid == self.trusted_gid)
+                if uid in self.trusted_uids:
+                    return True
+                return self.trusted_gid is not None and (gid == self.trusted_gid or self._member(uid))
         return False
+
+    def _member(self, uid: int) -> bool:
+        """Tell whether ``uid`` is in GROUP: the credentials carry only the sender's effective gid,
+        and members usually have GROUP as a supplementary group (``usermod -aG``)."""
+        known = self._members.get(uid)
+        if known is None:
+            try:
+                entry = pwd.getpwuid(uid)
+                known = self.trusted_gid in os.getgrouplist(entry.pw_name, entry.pw_gid)
+            except (KeyError, OSError):
+                known = False
+            if len(self._members) < 4096:
+                self._members[uid] = known
+        return known
 
     def close(self, unlink: bool = True) -> None:
         """Close; remove the socket file only while it is still the one we bound."""

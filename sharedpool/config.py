@@ -44,6 +44,9 @@ class PoolConfig:
     driver: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.group is None:
+            # like the CLI's --group and the ENGINE: a worker started from a shell with SHAREDPOOL_GROUP shares the pool
+            object.__setattr__(self, "group", os.environ.get(f"{ENV_PREFIX}GROUP") or None)
         for key, (convert, _) in SETTINGS.items():
             field = key.lower()
             object.__setattr__(self, field, convert(key, getattr(self, field)))

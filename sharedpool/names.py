@@ -97,7 +97,8 @@ def modes(group: str | None) -> tuple[int, int]:
     return (0o2770, 0o660) if group else (0o700, 0o600)
 
 
-def _user(uid: int) -> str:
+def describe_user(uid: int) -> str:
+    """'name (uid N)', or 'uid N' for a uid with no account."""
     try:
         return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
     except KeyError:
@@ -126,8 +127,9 @@ def check_owned(name: str, info: os.stat_result, path: str, group: str | None, o
     shared = owner is None and not strict and gid is not None and info.st_gid == gid
     if info.st_uid != expected and not shared:
         raise PoolPermissionError(
-            f"pool {name!r}: {path} belongs to {_user(info.st_uid)}, not to {_user(expected)}"
-            + ("" if owner is not None else f" (this process runs as {_user(euid)})")
+            f"pool {name!r}: {path} belongs to {describe_user(info.st_uid)}, not to {describe_user(expected)}"
+            + ("" if owner is not None else f" (this process runs as {describe_user(euid)})")
+            + f"; its mode is {info.st_mode & 0o777:04o}, its group {_group_name(info.st_gid)}"
             + "; to share a pool between users set GROUP to a group of both (and start the coordinator "
             "with --group), to keep them apart give this one another NAME"
         )
@@ -137,7 +139,7 @@ def check_owned(name: str, info: os.stat_result, path: str, group: str | None, o
         raise PoolPermissionError(
             f"pool {name!r}: {path} has mode {info.st_mode & 0o777:04o}, wider than {allowed:04o}"
             + (f" (GROUP {group})" if group else " (no GROUP configured)")
-            + f"; owner {_user(info.st_uid)}, group {_group_name(info.st_gid)}. Remove it with "
+            + f"; owner {describe_user(info.st_uid)}, group {_group_name(info.st_gid)}. Remove it with "
             f"`sharedpool cleanup --name {name}` or fix GROUP"
         )
     if gid is not None and info.st_gid != gid:
@@ -187,7 +189,7 @@ def _describe(path: str) -> str:
         info = os.lstat(path)
     except OSError:
         return "it vanished"
-    return (f"it belongs to {_user(info.st_uid)}, group {_group_name(info.st_gid)}, mode {info.st_mode & 0o777:04o}; "
+    return (f"it belongs to {describe_user(info.st_uid)}, group {_group_name(info.st_gid)}, mode {info.st_mode & 0o777:04o}; "
             "set GROUP to share a pool between users, or give this one another NAME")
 
 
@@ -196,7 +198,7 @@ def open_entry(names: PoolNames, dir_fd: int, entry: str, flags: int, group: str
     _, file_mode = modes(group)
     path = names.path(entry)
     try:
-        fd = os.open(entry, flags | _OPEN_FLAGS, file_mode, dir_fd=dir_fd)
+        fd, created = _open_or_create(entry, flags, file_mode, dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise PoolPermissionError(f"pool {names.name!r}: {path} is a symlink; refusing to follow it") from None
@@ -207,7 +209,7 @@ def open_entry(names: PoolNames, dir_fd: int, entry: str, flags: int, group: str
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise LedgerError(f"pool {names.name!r}: {path} is not a regular file")
-        if flags & os.O_CREAT and flags & os.O_EXCL:
+        if created:
             os.fchmod(fd, file_mode)
             if group:
                 os.fchown(fd, -1, group_id(group))
@@ -217,6 +219,22 @@ def open_entry(names: PoolNames, dir_fd: int, entry: str, flags: int, group: str
         os.close(fd)
         raise
     return fd
+
+
+def _open_or_create(entry: str, flags: int, file_mode: int, dir_fd: int) -> tuple[int, bool]:
+    """Open ``entry``; with O_CREAT, tell whether this call created it (its mode is then ours to set)."""
+    if not flags & os.O_CREAT or flags & os.O_EXCL:
+        return os.open(entry, flags | _OPEN_FLAGS, file_mode, dir_fd=dir_fd), bool(flags & os.O_CREAT)
+    for _ in range(100):
+        try:
+            return os.open(entry, flags | os.O_EXCL | _OPEN_FLAGS, file_mode, dir_fd=dir_fd), True
+        except FileExistsError:
+            pass
+        try:
+            return os.open(entry, flags & ~os.O_CREAT | _OPEN_FLAGS, dir_fd=dir_fd), False
+        except FileNotFoundError:
+            continue  # removed between the two opens: create it after all
+    raise FileExistsError(errno.EEXIST, "appears and vanishes repeatedly", entry)
 
 
 # -- open-file-description locks -----------------------------------------------------
