@@ -34,7 +34,7 @@ def budget(ledger, open_: int = 0, idle: int = 0):
 
 def ledger(free: int, *slots):
     return types.SimpleNamespace(sem=types.SimpleNamespace(value=free), slots=list(slots),
-                                 header=types.SimpleNamespace(slot_hwm=len(slots)))
+                                 scan_limit=lambda: len(slots))
 
 
 @pytest.fixture
