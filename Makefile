@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: help venv test test-fast demo bench bench-quick bench-micro django-suite django-suite-stock clean
+.PHONY: help venv test test-fast fuzz demo bench bench-quick bench-micro django-suite django-suite-stock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -20,6 +20,9 @@ venv: $(STAMP)  ## create .venv with the package and its test extras
 
 test: $(STAMP)  ## run the whole test suite against a throwaway PostgreSQL (or DATABASE_URL)
 	$(PY) -m pytest -q
+
+fuzz: $(STAMP)  ## fuzz the live ledger longer than CI does (FUZZ_MUTATIONS, default 20000: about 9 min)
+	FUZZ_MUTATIONS=$${FUZZ_MUTATIONS:-20000} $(PY) -m pytest -q -s tests/test_fuzz.py
 
 demo: $(STAMP)  ## the demo: gunicorn workers > budget under load, sharedpool vs the stock backend (about 2 min)
 	$(PY) examples/demo/run_demo.py
