@@ -39,6 +39,7 @@ from .names import (
     byte_locked,
     check_owned,
     group_id,
+    locked_bytes,
     lock_byte,
     modes,
     open_directory,
@@ -535,18 +536,25 @@ class Ledger:
         return Header.from_buffer_copy(_pread(self._fd, HEADER_SIZE, 0))
 
     def snapshot(self) -> Snapshot:
+        """A consistent view: the slots read twice, identical around the semaphore's value."""
+        for _ in range(100):
+            raw = self.raw_slots()
+            free = self.sem.value
+            if self.raw_slots() == raw:
+                break
         header = self.read_header()
+        alive_slots = {offset - SLOT_LOCK_BASE for offset in locked_bytes(self.locks_fd, SLOT_LOCK_BASE, self.nslots)}
         views = []
         totals = {counter: getattr(header, counter) for counter in SUMMED_COUNTERS}
         for index in range(self.nslots):
-            slot = self.read_slot(index)
-            alive = self.slot_alive(index)
+            slot = Slot.from_buffer_copy(raw, index * SLOT_SIZE)
+            alive = index in alive_slots or index in self._claimed
             if slot.state == SLOT_FREE and not alive:
                 continue
-            counters = {counter: getattr(slot, counter) for counter in SUMMED_COUNTERS}
-            for counter, value in counters.items():
+            view = view_of(index, slot, alive, sealed(self.token, slot))
+            for counter, value in view.counters.items():
                 totals[counter] += value
-            views.append(view_of(index, slot, alive, sealed(self.token, slot)))
+            views.append(view)
         return Snapshot(
             name=self.name,
             budget=header.budget,
@@ -564,7 +572,7 @@ class Ledger:
             reclaimed_permits=header.reclaimed_permits,
             reclaimed_workers=header.reclaimed_workers,
             audit_fixes=header.audit_fixes,
-            free=self.sem.value,
+            free=free,
         )
 
     # -- teardown ------------------------------------------------------------------

@@ -465,6 +465,7 @@ class PeakSampler(threading.Thread):
         self.samples = 0
         self.last = 0
         self.seen: dict[int, object] = {}  # backend pid -> backend_start, every backend ever sampled
+        self.history: list[tuple[float, int]] = []  # (monotonic time, count) of every sample
         self.error: BaseException | None = None
         self._stop_event = threading.Event()
 
@@ -497,6 +498,7 @@ class PeakSampler(threading.Thread):
         try:
             while not self._stop_event.is_set():
                 self.last = self.count()
+                self.history.append((time.monotonic(), self.last))
                 self.peak = max(self.peak, self.last)
                 self.samples += 1
                 self._stop_event.wait(self.interval)

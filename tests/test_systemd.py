@@ -22,7 +22,9 @@ import time
 import pytest
 
 from sharedpool.coordinator.cli import build_parser
-from sharedpool.ledger import Ledger, unlink
+from sharedpool.ledger import Ledger
+
+from helpers_procs import remove_pool_objects
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNIT = os.path.join(ROOT, "systemd", "sharedpool-coordinator@.service")
@@ -185,7 +187,7 @@ def test_notify_protocol_ready_watchdog_reload_stopping(tmp_path, unique_name):
         if process.poll() is None:
             process.kill()
             process.wait()
-        unlink(unique_name)
+        remove_pool_objects(unique_name)
         notify.sock.close()
 
 
@@ -205,5 +207,5 @@ def test_no_watchdog_pings_for_another_pid(tmp_path, unique_name):
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(10)
-        unlink(unique_name)
+        remove_pool_objects(unique_name)
         notify.sock.close()
