@@ -97,6 +97,10 @@ class Coordinator:
         self.claim = PoolClaim(self.names, options.group)
         self.control: channel.Inbox | None = None
         self.pending: dict[int, PendingReclaim] = {}
+        # live slots as last scanned: index -> (pid, start time, backend pids); our own copy, so a
+        # worker that dies while its record is lost (truncated, overwritten) is still seen dying
+        self.seen: dict[int, tuple[int, int, tuple[int, ...]]] = {}
+        self.lost: list[PendingReclaim] = []  # such deaths: no exact count until their backends are gone
         self.signals: list[int] = []
         self.running = True
         self.idle_since = time.monotonic()
@@ -166,7 +170,7 @@ class Coordinator:
 
     def _serve(self, done: Callable[[], bool]) -> None:
         while not done():
-            for key, _ in self.selector.select(RECLAIM_POLL if self.pending else TICK):
+            for key, _ in self.selector.select(RECLAIM_POLL if self.pending or self.lost else TICK):
                 kind, _ = key.data
                 if kind == "control":
                     self.handle_control()
@@ -243,8 +247,44 @@ class Coordinator:
                 if slot.pid_ns == self._pid_ns and not self.watcher.watching(index, pid, start):
                     self.watcher.watch(index, pid, start)
                     log.debug("pool %r: worker %d registered in slot %d", self.name, pid, index)
+                self.remember(index, fact, pid, start, tuple(b for b in slot.backends if b > 0))
             elif index not in self.pending:
                 self.handle_death(index, fact)
+        alive = {fact.index for fact in facts if fact.alive}
+        for index in list(self.seen):
+            if index not in alive and index not in self.pending:
+                self.lose(index)  # gone, and the slot reads free: a clean exit, or a record lost
+
+    def remember(self, index: int, fact: SlotFacts, pid: int, start: int, backends: tuple[int, ...]) -> None:
+        """Keep our own copy of a live slot's owner and backends (the record may be lost later)."""
+        before = self.seen.get(index)
+        if not fact.verified:
+            # scribbled: keep the owner we knew, and every backend pid either copy names (checked at death)
+            known = before or (0, 0, ())
+            self.seen[index] = (known[0], known[1], tuple(sorted(set(known[2]) | set(backends))))
+            return
+        if before is not None and before[0] and before[:2] != (pid, start):
+            self.lose(index)  # its owner went and the slot was claimed again between two passes
+        self.seen[index] = (pid, start, backends)
+
+    def lose(self, index: int) -> None:
+        """A worker left a slot that no longer records it; if its backends still run, it died with its record lost.
+
+        A clean exit closes its backends (confirmed by the server) before it
+        frees its slot, so nothing of it runs. A worker that died after its
+        record was truncated or overwritten may hold permits for backends
+        that still run: no exact count until they are gone.
+        """
+        pid, _, pids = self.seen.pop(index)
+        self.watcher.forget(index)
+        backends = tuple((b, start) for b in pids if _is_postgres(b)
+                         for start in [process_start_time(b)] if start is not None)
+        if not backends:
+            return
+        self.lost.append(PendingReclaim(pid=pid, since=time.monotonic(), backends=backends, need_grace=True))
+        log.warning("pool %r: worker %d left slot %d without a record while its backend(s) %s still run (record "
+                    "truncated or overwritten?); no exact count until they are gone", self.name, pid, index,
+                    ", ".join(str(b) for b, _ in backends))
 
     def handle_death(self, index: int, fact: SlotFacts) -> None:
         self.watcher.forget(index)
@@ -252,9 +292,11 @@ class Coordinator:
         trusted = fact.verified and slot.pid_ns == self._pid_ns
         local = trusted and bool(slot.flags & FLAG_BACKENDS_LOCAL)
         backends = []
+        seen = self.seen.pop(index, None)
+        remembered = [pid for pid in seen[2] if pid not in slot.backends] if seen else []
         # remember each backend's start time: pids are recycled, and a new process under an old
         # backend pid must not stall the reclaim; an untrusted list only counts real postgres processes
-        for pid in slot.backends:
+        for pid in list(slot.backends) + [pid for pid in remembered if _is_postgres(pid)]:
             if pid > 0 and (trusted or _is_postgres(pid)):
                 start = process_start_time(pid)
                 if start is not None:
@@ -273,6 +315,11 @@ class Coordinator:
     def finish_reclaims(self) -> None:
         """Return a dead worker's permits once its server backends are surely gone."""
         now = time.monotonic()
+        for dead in list(self.lost):
+            if now - dead.since >= self.options.reclaim_grace and not any(
+                    is_alive(pid, start) for pid, start in dead.backends):
+                self.lost.remove(dead)
+                self.suspects += 1
         for index, dead in list(self.pending.items()):
             if dead.need_grace and now - dead.since < self.options.reclaim_grace:
                 continue
@@ -296,7 +343,10 @@ class Coordinator:
             facts, free = self.stable_view()
             fact = next((f for f in facts if f.index == index), None)
             if fact is None or fact.alive:
-                return  # freed and claimed again meanwhile: nothing of the dead worker's is left there
+                # its record was lost meanwhile (the slot reads free), or freed and claimed again:
+                # whatever it held is left to an exact count (its backends are gone by now)
+                self.suspects += 1
+                return
             count = reclaimable(fact, self.physical, free, [f for f in facts if f.index != index])
             exact_needed = needs_exact_count(fact, count)
             ledger.header.reclaimed_permits += count
@@ -322,7 +372,7 @@ class Coordinator:
         with ledger.registry_lock():  # no retirement moves the count while we decide
             self._absorb_retired()
             facts, free = self.stable_view()
-            if any(not f.alive for f in facts):
+            if self.lost or self.pending or any(not f.alive for f in facts):
                 return  # dead workers still being reclaimed: their permits are neither free nor live
             missing = exact_missing(self.physical, free, facts)
             if missing is None:
@@ -444,7 +494,7 @@ class Coordinator:
                 self.ledger.header.dropped_messages += 1
 
     def check_exit(self, now: float, facts: list[SlotFacts]) -> None:
-        if facts or self.pending:
+        if facts or self.pending or self.lost:
             self.idle_since = now
             return
         if self.parent_gone:
@@ -456,7 +506,7 @@ class Coordinator:
 
     def _registered(self) -> bool:
         """Tell whether any slot is still taken: by a live worker, or a dead one not yet reclaimed."""
-        return bool(self.stable_view()[0]) or bool(self.pending)
+        return bool(self.stable_view()[0]) or bool(self.pending) or bool(self.lost)
 
     # -- stop ----------------------------------------------------------------------
 
