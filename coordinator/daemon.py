@@ -97,9 +97,10 @@ class Coordinator:
         self.claim = PoolClaim(self.names, options.group)
         self.control: channel.Inbox | None = None
         self.pending: dict[int, PendingReclaim] = {}
-        # live slots as last scanned: index -> (pid, start time, backend pids); our own copy, so a
-        # worker that dies while its record is lost (truncated, overwritten) is still seen dying
-        self.seen: dict[int, tuple[int, int, tuple[int, ...]]] = {}
+        # live slots as last scanned: index -> (pid, start time, {backend pid: start time}); our own
+        # copy, so a worker that dies after its record was lost (truncated, overwritten) is still
+        # seen dying, and a backend dropped from a record while it runs is still waited for
+        self.seen: dict[int, tuple[int, int, dict[int, int]]] = {}
         self.lost: list[PendingReclaim] = []  # such deaths: no exact count until their backends are gone
         self.signals: list[int] = []
         self.running = True
@@ -256,16 +257,32 @@ class Coordinator:
                 self.lose(index)  # gone, and the slot reads free: a clean exit, or a record lost
 
     def remember(self, index: int, fact: SlotFacts, pid: int, start: int, backends: tuple[int, ...]) -> None:
-        """Keep our own copy of a live slot's owner and backends (the record may be lost later)."""
+        """Keep our own copy of a live slot's owner and backends (the record may be lost later).
+
+        A backend stays in our copy while it runs, whatever the record says
+        now: the backend pids are not covered by the check value, so a
+        record that dropped one may be a scribble.
+        """
         before = self.seen.get(index)
-        if not fact.verified:
-            # scribbled: keep the owner we knew, and every backend pid either copy names (checked at death)
-            known = before or (0, 0, ())
-            self.seen[index] = (known[0], known[1], tuple(sorted(set(known[2]) | set(backends))))
-            return
-        if before is not None and before[0] and before[:2] != (pid, start):
+        if fact.verified and before is not None and before[0] and before[:2] != (pid, start):
             self.lose(index)  # its owner went and the slot was claimed again between two passes
-        self.seen[index] = (pid, start, backends)
+            before = None
+        known = before[2] if before is not None else {}
+        current: dict[int, int] = {}
+        for backend in backends:
+            began = known.get(backend)
+            if began is None and _is_postgres(backend):
+                began = process_start_time(backend)
+            if began is not None:
+                current[backend] = began
+        for backend, began in known.items():
+            if backend not in current and is_alive(backend, began):
+                current[backend] = began
+        if fact.verified:
+            owner = (pid, start)
+        else:  # a scribbled record names nobody: keep the owner we knew
+            owner = before[:2] if before is not None else (0, 0)
+        self.seen[index] = (*owner, current)
 
     def lose(self, index: int) -> None:
         """A worker left a slot that no longer records it; if its backends still run, it died with its record lost.
@@ -275,10 +292,9 @@ class Coordinator:
         record was truncated or overwritten may hold permits for backends
         that still run: no exact count until they are gone.
         """
-        pid, _, pids = self.seen.pop(index)
+        pid, _, known = self.seen.pop(index)
         self.watcher.forget(index)
-        backends = tuple((b, start) for b in pids if _is_postgres(b)
-                         for start in [process_start_time(b)] if start is not None)
+        backends = tuple((b, began) for b, began in known.items() if is_alive(b, began))
         if not backends:
             return
         self.lost.append(PendingReclaim(pid=pid, since=time.monotonic(), backends=backends, need_grace=True))
@@ -293,14 +309,15 @@ class Coordinator:
         local = trusted and bool(slot.flags & FLAG_BACKENDS_LOCAL)
         backends = []
         seen = self.seen.pop(index, None)
-        remembered = [pid for pid in seen[2] if pid not in slot.backends] if seen else []
         # remember each backend's start time: pids are recycled, and a new process under an old
         # backend pid must not stall the reclaim; an untrusted list only counts real postgres processes
-        for pid in list(slot.backends) + [pid for pid in remembered if _is_postgres(pid)]:
-            if pid > 0 and (trusted or _is_postgres(pid)):
+        for pid in slot.backends:
+            if pid > 0 and (trusted or _is_postgres(pid)) and (seen is None or pid not in seen[2]):
                 start = process_start_time(pid)
                 if start is not None:
                     backends.append((pid, start))
+        if seen is not None:
+            backends += [(pid, began) for pid, began in seen[2].items() if is_alive(pid, began)]
         self.pending[index] = PendingReclaim(
             pid=slot.pid,
             since=time.monotonic(),
