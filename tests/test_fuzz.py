@@ -562,11 +562,15 @@ def _backend_running(dsn: str, pid: int) -> bool:
     return row is not None and row[0] == "active"
 
 
-def test_truncation_that_loses_a_dead_workers_record_never_over_grants(unique_name, dsn):
-    """A worker dies while the ledger is truncated (its slot record comes back as zeros), its backend runs on.
+@pytest.mark.parametrize("loss", ["truncate", "zero-backends", "random-slot"])
+def test_a_dead_workers_lost_record_never_over_grants(unique_name, dsn, loss):
+    """A worker dies after its slot record was lost, while its backend still runs a query.
 
-    The coordinator restores the size and counts exactly; the dead worker's
-    permit must not be posted while its backend still runs on the server.
+    ``truncate``: it dies while the ledger is truncated (its slot comes back
+    as zeros when the coordinator restores the size). ``zero-backends``: its
+    backend pids were overwritten with zeros (the rest of the slot, and its
+    check value, intact). ``random-slot``: its whole slot was overwritten.
+    The dead worker's permit must not be posted while its backend runs.
     """
     name, budget = unique_name, 1
     hold = None
@@ -579,7 +583,15 @@ def test_truncation_that_loses_a_dead_workers_record_never_over_grants(unique_na
             with GapSampler(dsn, name, budget) as sampler:
                 fd = os.open(PoolNames(name).path(LEDGER_FILE), os.O_RDWR | os.O_CLOEXEC)
                 try:
-                    os.ftruncate(fd, HEADER_SIZE)
+                    time.sleep(0.3)  # the coordinator has looked at the worker's intact slot
+                    if loss == "truncate":
+                        os.ftruncate(fd, HEADER_SIZE)
+                    elif loss == "zero-backends":
+                        os.pwrite(fd, bytes(Slot.backends.size), HEADER_SIZE + Slot.backends.offset)  # slot 0: its own
+                        time.sleep(0.3)  # the coordinator looks at the slot meanwhile
+                    else:
+                        os.pwrite(fd, random.randbytes(SLOT_SIZE), HEADER_SIZE)
+                        time.sleep(0.3)
                     victim.kill()  # as SIGBUS would, touching a slot before the coordinator restores the size
                     victim.wait()
                     killed = time.monotonic()
@@ -602,7 +614,7 @@ def test_truncation_that_loses_a_dead_workers_record_never_over_grants(unique_na
                     proc.kill()
                     proc.wait()
         log = coord.log()
-    print(f"\nlost record: a new worker got a connection {got_after:.2f} s after the death, the dead worker's "
+    print(f"\nlost record ({loss}): a new worker got a connection {got_after:.2f} s after the death, the dead worker's "
           f"backend ended {gone_after:.2f} s after it; server peak {sampler.peak} on budget {budget} "
           f"({len(sampler.over)} samples over)")
     assert backend_gone
