@@ -400,10 +400,21 @@ class Coordinator:
                     self._take_back(surplus, free, sum(f.held for f in facts if f.verified))
                 return
             if missing > 0:
+                # a budget cut takes leaked permits first: nothing is posted above the budget (and a
+                # physical count forged before we adopted it is retired here, never handed out)
+                retired = min(missing, self.debt)
+                if retired:
+                    self.debt -= retired
+                    self.physical -= retired
+                    ledger.header.retire_debt, ledger.header.physical = self.debt, self.physical
+                    missing -= retired
+                    log.warning("pool %r: audit retired %d leaked permit(s) for the budget cut (exact count)",
+                                self.name, retired)
                 for _ in range(missing):
                     ledger.sem.release()
-                ledger.header.audit_fixes += missing
-                log.warning("pool %r: audit returned %d leaked permit(s) (exact count)", self.name, missing)
+                if missing:
+                    ledger.header.audit_fixes += missing
+                    log.warning("pool %r: audit returned %d leaked permit(s) (exact count)", self.name, missing)
             elif missing < 0:
                 self._take_back(-missing, free, sum(f.held for f in facts))
             self.suspects = 0
