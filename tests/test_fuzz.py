@@ -627,3 +627,71 @@ def _coordinator(name: str, budget: int):
     from helpers_procs import coordinator
 
     return coordinator(name, budget, "--slots", "8")
+
+
+@pytest.mark.parametrize("forged", [{"physical": 40}, {"budget": 40}, {"physical": 40, "budget": 40},
+                                    {"retire_debt": 37}, {"physical": 40, "retire_debt": 37}])
+def test_adoption_never_trusts_forged_header_totals(unique_name, dsn, forged):
+    """The header is overwritten while no coordinator runs; the next one adopts it with waiters queued.
+
+    Workers keep working without a coordinator: three hold the budget and two
+    wait when the new coordinator adopts the forged header. It must not post
+    phantom permits: the waiters time out and the server never sees more
+    than the budget.
+    """
+    name, budget = unique_name, 3
+    first = CoordinatorProc(name, budget, "--slots", "8", remove_on_exit=False)
+    second = None
+    holders: list[subprocess.Popen] = []
+    try:
+        assert first.stop() == 0
+        fd = os.open(PoolNames(name).path(LEDGER_FILE), os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for field, value in forged.items():
+                os.pwrite(fd, value.to_bytes(getattr(Header, field).size, "little"), getattr(Header, field).offset)
+        finally:
+            os.close(fd)
+        answers: dict[int, str] = {}
+
+        def read(i: int, proc: subprocess.Popen) -> None:
+            answers[i] = proc.stdout.readline().strip()
+
+        readers = []
+        # a forged budget makes workers refuse to attach (POOL_SIZE disagrees): they start after the adoption
+        early = "budget" not in forged
+        with GapSampler(dsn, name, budget) as sampler:
+            if not early:
+                second = CoordinatorProc(name, budget, "--slots", "8")
+            for i in range(budget + 2):
+                holders.append(subprocess.Popen(
+                    [PYTHON, "-c", HOLD_WORKER, name, str(budget), dsn, "6"], stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT}))
+                readers.append(threading.Thread(target=read, args=(i, holders[-1]), daemon=True))
+                readers[-1].start()
+            assert wait_until(lambda: sum(a.startswith("got") for a in answers.values()) == budget, 20.0), answers
+            if early:
+                time.sleep(0.3)  # the other two wait on the semaphore
+                second = CoordinatorProc(name, budget, "--slots", "8")
+            for reader in readers:
+                reader.join(20)
+            free_after = _free(name)
+            for proc in holders:
+                proc.stdin.close()
+            for proc in holders:
+                proc.wait(15)
+        log = second.log()
+    finally:
+        for proc in holders:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for c in (first, second):
+            if c is not None:
+                c.close()
+        remove_pool_objects(name)
+    answers = list(answers.values())
+    got = sum(a.startswith("got") for a in answers)
+    print(f"\nforged {forged}: {got} of {budget + 2} workers got a connection, free {free_after} after the "
+          f"waiters gave up, server peak {sampler.peak}")
+    assert got == budget and sampler.peak <= budget, (answers, log)
+    assert free_after == 0, f"{free_after} free permits while {budget} are held on budget {budget}\n{log}"
