@@ -17,7 +17,8 @@ ledger and the pool is correct again: every permit free once the workers are
 gone, and a fresh set of workers holds exactly the budget, no more.
 
 ``FUZZ_MUTATIONS`` (default 1000) sets the number of mutations; ``make fuzz``
-runs more. Figures are printed (run with ``-s``) and recorded as properties.
+runs more. ``FUZZ_MAX_IDLE`` (default 1 s) sets the workers' MAX_IDLE, hence how
+often they heal their slot (MAX_IDLE / 2, at most 30 s). Figures are printed (run with ``-s``) and recorded as properties.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ NSLOTS = 32  # the coordinator's slot count (--slots): workers use the low ones
 MUTATIONS = int(os.environ.get("FUZZ_MUTATIONS", "1000"))
 INTERVAL = 0.025  # seconds between two mutations
 HOT_SLOTS = 16  # slots the mutator aims at: every worker (and respawn) claims one of the lowest free slots
-MAX_IDLE = 1.0  # workers heal (republish) their slot every MAX_IDLE / 2
+MAX_IDLE = float(os.environ.get("FUZZ_MAX_IDLE", "1.0"))  # workers heal (republish) their slot every MAX_IDLE / 2 (at most 30 s)
 
 # A worker: two threads loop on getconn / short query / putconn; a reporter prints progress.
 FUZZ_WORKER = textwrap.dedent(
