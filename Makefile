@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # the driver of `make django-suite` / `django-suite-stock`: psycopg2 or psycopg
 DRIVER ?= psycopg2
 
-.PHONY: help venv test test-fast test-pyuwsgi demo bench bench-quick bench-micro bench-growth django-suite django-suite-stock clean
+.PHONY: help venv test test-fast test-pyuwsgi fuzz demo bench bench-quick bench-micro bench-growth django-suite django-suite-stock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -27,6 +27,9 @@ test-pyuwsgi: $(STAMP)  ## tests/test_pyuwsgi.py with uWSGI from a wheel (pyuwsg
 	test -x .cache/venv-pyuwsgi/bin/python || $(PYTHON) -m venv .cache/venv-pyuwsgi
 	.cache/venv-pyuwsgi/bin/python -m pip install -q -e '.[pyuwsgi]' pytest
 	.cache/venv-pyuwsgi/bin/python -m pytest -q tests/test_pyuwsgi.py
+
+fuzz: $(STAMP)  ## fuzz the live ledger longer than CI does (FUZZ_MUTATIONS, default 20000: about 9 min)
+	FUZZ_MUTATIONS=$${FUZZ_MUTATIONS:-20000} $(PY) -m pytest -q -s tests/test_fuzz.py
 
 demo: $(STAMP)  ## the demo: gunicorn workers > budget under load, sharedpool vs the stock backend (about 2 min)
 	$(PY) examples/demo/run_demo.py

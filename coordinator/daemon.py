@@ -98,6 +98,11 @@ class Coordinator:
         self.claim = PoolClaim(self.names, options.group)
         self.control: channel.Inbox | None = None
         self.pending: dict[int, PendingReclaim] = {}
+        # live slots as last scanned: index -> (pid, start time, {backend pid: start time}); our own
+        # copy, so a worker that dies after its record was lost (truncated, overwritten) is still
+        # seen dying, and a backend dropped from a record while it runs is still waited for
+        self.seen: dict[int, tuple[int, int, dict[int, int]]] = {}
+        self.lost: list[PendingReclaim] = []  # such deaths: no exact count until their backends are gone
         self.signals: list[int] = []
         self.running = True
         self.idle_since = time.monotonic()
@@ -169,7 +174,7 @@ class Coordinator:
 
     def _serve(self, done: Callable[[], bool]) -> None:
         while not done():
-            for key, _ in self.selector.select(RECLAIM_POLL if self.pending else TICK):
+            for key, _ in self.selector.select(RECLAIM_POLL if self.pending or self.lost else TICK):
                 kind, _ = key.data
                 if kind == "control":
                     self.handle_control()
@@ -246,8 +251,59 @@ class Coordinator:
                 if slot.pid_ns == self._pid_ns and not self.watcher.watching(index, pid, start):
                     self.watcher.watch(index, pid, start)
                     log.debug("pool %r: worker %d registered in slot %d", self.name, pid, index)
+                self.remember(index, fact, pid, start, tuple(b for b in slot.backends if b > 0))
             elif index not in self.pending:
                 self.handle_death(index, fact)
+        alive = {fact.index for fact in facts if fact.alive}
+        for index in list(self.seen):
+            if index not in alive and index not in self.pending:
+                self.lose(index)  # gone, and the slot reads free: a clean exit, or a record lost
+
+    def remember(self, index: int, fact: SlotFacts, pid: int, start: int, backends: tuple[int, ...]) -> None:
+        """Keep our own copy of a live slot's owner and backends (the record may be lost later).
+
+        A backend stays in our copy while it runs, whatever the record says
+        now: the backend pids are not covered by the check value, so a
+        record that dropped one may be a scribble.
+        """
+        before = self.seen.get(index)
+        if fact.verified and before is not None and before[0] and before[:2] != (pid, start):
+            self.lose(index)  # its owner went and the slot was claimed again between two passes
+            before = None
+        known = before[2] if before is not None else {}
+        current: dict[int, int] = {}
+        for backend in backends:
+            began = known.get(backend)
+            if began is None and _is_postgres(backend):
+                began = process_start_time(backend)
+            if began is not None:
+                current[backend] = began
+        for backend, began in known.items():
+            if backend not in current and is_alive(backend, began):
+                current[backend] = began
+        if fact.verified:
+            owner = (pid, start)
+        else:  # a scribbled record names nobody: keep the owner we knew
+            owner = before[:2] if before is not None else (0, 0)
+        self.seen[index] = (*owner, current)
+
+    def lose(self, index: int) -> None:
+        """A worker left a slot that no longer records it; if its backends still run, it died with its record lost.
+
+        A clean exit closes its backends (confirmed by the server) before it
+        frees its slot, so nothing of it runs. A worker that died after its
+        record was truncated or overwritten may hold permits for backends
+        that still run: no exact count until they are gone.
+        """
+        pid, _, known = self.seen.pop(index)
+        self.watcher.forget(index)
+        backends = tuple((b, began) for b, began in known.items() if is_alive(b, began))
+        if not backends:
+            return
+        self.lost.append(PendingReclaim(pid=pid, since=time.monotonic(), backends=backends, need_grace=True))
+        log.warning("pool %r: worker %d left slot %d without a record while its backend(s) %s still run (record "
+                    "truncated or overwritten?); no exact count until they are gone", self.name, pid, index,
+                    ", ".join(str(b) for b, _ in backends))
 
     def handle_death(self, index: int, fact: SlotFacts) -> None:
         self.watcher.forget(index)
@@ -255,13 +311,16 @@ class Coordinator:
         trusted = fact.verified and slot.pid_ns == self._pid_ns
         local = trusted and bool(slot.flags & FLAG_BACKENDS_LOCAL)
         backends = []
+        seen = self.seen.pop(index, None)
         # remember each backend's start time: pids are recycled, and a new process under an old
         # backend pid must not stall the reclaim; an untrusted list only counts real postgres processes
         for pid in slot.backends:
-            if pid > 0 and (trusted or _is_postgres(pid)):
+            if pid > 0 and (trusted or _is_postgres(pid)) and (seen is None or pid not in seen[2]):
                 start = process_start_time(pid)
                 if start is not None:
                     backends.append((pid, start))
+        if seen is not None:
+            backends += [(pid, began) for pid, began in seen[2].items() if is_alive(pid, began)]
         self.pending[index] = PendingReclaim(
             pid=slot.pid,
             since=time.monotonic(),
@@ -276,6 +335,11 @@ class Coordinator:
     def finish_reclaims(self) -> None:
         """Return a dead worker's permits once its server backends are surely gone."""
         now = time.monotonic()
+        for dead in list(self.lost):
+            if now - dead.since >= self.options.reclaim_grace and not any(
+                    is_alive(pid, start) for pid, start in dead.backends):
+                self.lost.remove(dead)
+                self.suspects += 1
         for index, dead in list(self.pending.items()):
             if dead.need_grace and now - dead.since < self.options.reclaim_grace:
                 continue
@@ -299,7 +363,10 @@ class Coordinator:
             facts, free = self.stable_view()
             fact = next((f for f in facts if f.index == index), None)
             if fact is None or fact.alive:
-                return  # freed and claimed again meanwhile: nothing of the dead worker's is left there
+                # its record was lost meanwhile (the slot reads free), or freed and claimed again:
+                # whatever it held is left to an exact count (its backends are gone by now)
+                self.suspects += 1
+                return
             count = reclaimable(fact, self.physical, free, [f for f in facts if f.index != index])
             exact_needed = needs_exact_count(fact, count)
             ledger.header.reclaimed_permits += count
@@ -325,7 +392,7 @@ class Coordinator:
         with ledger.registry_lock():  # no retirement moves the count while we decide
             self._absorb_retired()
             facts, free = self.stable_view()
-            if any(not f.alive for f in facts):
+            if self.lost or self.pending or any(not f.alive for f in facts):
                 return  # dead workers still being reclaimed: their permits are neither free nor live
             missing = exact_missing(self.physical, free, facts)
             if missing is None:
@@ -336,10 +403,21 @@ class Coordinator:
                     self._take_back(surplus, free, sum(f.held for f in facts if f.verified))
                 return
             if missing > 0:
+                # a budget cut takes leaked permits first: nothing is posted above the budget (and a
+                # physical count forged before we adopted it is retired here, never handed out)
+                retired = min(missing, self.debt)
+                if retired:
+                    self.debt -= retired
+                    self.physical -= retired
+                    ledger.header.retire_debt, ledger.header.physical = self.debt, self.physical
+                    missing -= retired
+                    log.warning("pool %r: audit retired %d leaked permit(s) for the budget cut (exact count)",
+                                self.name, retired)
                 for _ in range(missing):
                     ledger.sem.release()
-                ledger.header.audit_fixes += missing
-                log.warning("pool %r: audit returned %d leaked permit(s) (exact count)", self.name, missing)
+                if missing:
+                    ledger.header.audit_fixes += missing
+                    log.warning("pool %r: audit returned %d leaked permit(s) (exact count)", self.name, missing)
             elif missing < 0:
                 self._take_back(-missing, free, sum(f.held for f in facts))
             self.suspects = 0
@@ -461,7 +539,7 @@ class Coordinator:
         self._bad_unlogged = 0
 
     def check_exit(self, now: float, facts: list[SlotFacts]) -> None:
-        if facts or self.pending:
+        if facts or self.pending or self.lost:
             self.idle_since = now
             return
         if self.parent_gone:
@@ -473,7 +551,7 @@ class Coordinator:
 
     def _registered(self) -> bool:
         """Tell whether any slot is still taken: by a live worker, or a dead one not yet reclaimed."""
-        return bool(self.stable_view()[0]) or bool(self.pending)
+        return bool(self.stable_view()[0]) or bool(self.pending) or bool(self.lost)
 
     # -- stop ----------------------------------------------------------------------
 

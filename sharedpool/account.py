@@ -24,6 +24,8 @@ from .ledger import (
     FLAG_BACKENDS_LOCAL,
     MAX_BACKENDS,
     SUMMED_COUNTERS,
+    SLOT_ACTIVE,
+    SLOT_FREE,
     Ledger,
     Slot,
     pid_namespace,
@@ -42,7 +44,7 @@ class SlotAccount:
         self.ledger = ledger
         self.header = ledger.header
         self.pid = pid
-        start_time = process_start_time(pid) or 0
+        self.start_time = start_time = process_start_time(pid) or 0
         self.index = ledger.claim_slot(pid, start_time, pid_namespace())
         self.slot: Slot = ledger.slots[self.index]
         self.lock = threading.Lock()
@@ -236,6 +238,9 @@ class SlotAccount:
         with self.lock:
             slot = self.slot
             slot.pid, slot.pid_ns = self.pid, pid_namespace() if not self.closed else 0
+            # the identity too: the check value is keyed by the start time, and a slot not marked
+            # active is skipped by the shed choice
+            slot.start_time, slot.state = self.start_time, SLOT_FREE if self.closed else SLOT_ACTIVE
             for name in ("held", "inflight", "waiting", "local_waiting", "idle", "in_use", "connecting",
                          "retired", "flags", "wait_since", "idle_since", "shed_received"):
                 setattr(slot, name, getattr(self, name))
