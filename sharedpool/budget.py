@@ -42,7 +42,7 @@ SHED_PENDING_FOR = 1.0  # seconds a shed request waits for a busy connection to 
 MIN_STINT = 0.2  # seconds a busy connection is kept before a shed request may close it (no churn)
 IDLE_SETTLED = 0.02  # seconds idle after which a connection is not merely between two requests
 HANDOVER_YIELD = 0.03  # seconds at most a process that just handed a permit over lets the waiter take it
-LINGER_CHECK = 0.05  # seconds between checks of closed connections whose backend has not exited yet
+HEAL_EVERY = 1.0  # seconds at most between two rewrites of our slot from our own numbers
 
 
 class ProcessBudget:
@@ -102,9 +102,11 @@ class ProcessBudget:
             if self.closed:
                 raise PoolClosed(f"pool {self.name!r} is closed")
             gate = self._register()
+            # the listener's tick: idle expiry, and healing a scribbled slot (the coordinator decides nothing on it)
             interval = min(v for v in (self.config.max_idle, self.config.recycle, 60.0) if v is not None)
+            tick = min(max(interval / 2, 0.5), HEAL_EVERY)
             try:
-                self.listener = ShedListener(self, self.ledger, gate.slot_index, max(interval / 2, 0.5), self._heal)
+                self.listener = ShedListener(self, self.ledger, gate.slot_index, tick, self._heal)
             except BaseException:
                 gate.deregister()
                 raise
