@@ -24,7 +24,7 @@ import pytest
 
 from sharedpool.ledger import Ledger, pid_namespace
 
-from helpers_procs import PYTHON, ROOT, PeakSampler, coordinator, process_gone, run_cli, wait_until
+from helpers_procs import PYTHON, ROOT, PeakSampler, coordinator, process_gone, wait_until
 
 UNSHARE = shutil.which("unshare")
 
