@@ -28,6 +28,17 @@ PYTHON = sys.executable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def close_and_check_no_leak(pools: list, name: str) -> None:
+    """Close the pools a test made, then fail if any permit of pool ``name`` is not back."""
+    for pool in pools:
+        pool.budget.close()
+    ledger = Ledger.attach(name)
+    try:
+        assert wait_until(lambda: ledger.sem.value == ledger.header.budget), "permits leaked"
+    finally:
+        ledger.close()
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.005) -> object:
     """Poll ``predicate`` until it is truthy or ``timeout`` passes; return its last value (assert on it)."""
     deadline = time.monotonic() + timeout
@@ -464,7 +475,7 @@ class PeakSampler(threading.Thread):
         self.peak = 0
         self.samples = 0
         self.last = 0
-        self.seen: dict[int, object] = {}  # backend pid -> backend_start, every backend ever sampled
+        self.seen: set[tuple[int, object]] = set()  # (pid, backend_start) of every backend ever sampled
         self.history: list[tuple[float, int]] = []  # (monotonic time, count) of every sample
         self.error: BaseException | None = None
         self._stop_event = threading.Event()
@@ -492,7 +503,7 @@ class PeakSampler(threading.Thread):
 
     def started_since(self, mark: object) -> int:
         """Backends of the pool the server started after ``mark`` (server time), as sampled."""
-        return sum(1 for started in list(self.seen.values()) if started > mark)
+        return sum(1 for _, started in list(self.seen) if started > mark)
 
     def run(self) -> None:
         try:

@@ -15,9 +15,8 @@ import pytest
 
 from sharedpool import LocalPool, PoolConfig, PoolTimeout
 from sharedpool import drivers
-from sharedpool.ledger import Ledger
 from devtools.pgcluster import _connect as admin_connect
-from helpers_procs import ROOT, PeakSampler, backends, coordinator, finish, start_worker, wait_until
+from helpers_procs import ROOT, PeakSampler, backends, close_and_check_no_leak, coordinator, finish, start_worker, wait_until
 
 DRIVERS = ("psycopg", "psycopg2")
 
@@ -41,13 +40,7 @@ def make_pool(dsn, unique_name, driver):
 
         make.coordinator = coord
         yield make
-        for pool in made:
-            pool.budget.close()
-        ledger = Ledger.attach(unique_name)
-        try:
-            assert wait_until(lambda: ledger.sem.value == ledger.header.budget), "permits leaked"
-        finally:
-            ledger.close()
+        close_and_check_no_leak(made, unique_name)
 
 
 def server_pids(dsn: str, name: str) -> set[int]:

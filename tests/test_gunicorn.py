@@ -261,34 +261,15 @@ def test_embedded_coordinator_follows_a_sigkilled_arbiter(dsn, server, request):
     record(request, peak, 2)
 
 
-class BackendCounter(PeakSampler):
-    """Also collect every distinct backend of the pool the server started ((pid, backend_start) pairs)."""
-
-    def __init__(self, dsn, name):
-        super().__init__(dsn, name, interval=0.005)
-        self.backends: set[tuple[int, object]] = set()
-
-    def count(self) -> int:
-        with self.conn.cursor() as cur:
-            cur.execute(
-                "SELECT pid, backend_start FROM pg_stat_activity WHERE backend_type = 'client backend' "
-                "AND application_name = %s",
-                (self.app_name,),
-            )
-            rows = cur.fetchall()
-        self.backends.update(rows)
-        return len(rows)
-
-
 def _opened_under_load(dsn, server, config, budget=4, total=800):
     s = server(budget, "--workers", "8", config=config)
-    with BackendCounter(dsn, s.name) as sampler:
+    with PeakSampler(dsn, s.name, interval=0.005) as sampler:
         load = Load(s.port, "/sleep?ms=2", clients=16, total=total).start()
         load.join()
         peak = sampler.stop()
     s.stop()
     assert wait_until(lambda: not ipc_objects(s.name), timeout=20), "the first server's pool is still there"
-    return load, peak, len(sampler.backends)
+    return load, peak, len(sampler.seen)
 
 
 def test_work_follows_connections_without_churn(dsn, server, request, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from sharedpool import LocalPool, PoolClosed, PoolConfig, PoolTimeout
 from sharedpool.ledger import Ledger
-from helpers_procs import PeakSampler, backends, coordinator, finish, read_line, run_in_threads, start_worker, wait_until
+from helpers_procs import PeakSampler, backends, close_and_check_no_leak, coordinator, finish, read_line, run_in_threads, start_worker, wait_until
 
 
 @pytest.fixture
@@ -28,13 +28,7 @@ def make_pool(dsn, unique_name):
 
         make.coordinator = coord
         yield make
-        for pool in made:
-            pool.budget.close()
-        ledger = Ledger.attach(unique_name)
-        try:
-            assert wait_until(lambda: ledger.sem.value == ledger.header.budget), "permits leaked"
-        finally:
-            ledger.close()
+        close_and_check_no_leak(made, unique_name)
 
 
 def hold_connections(name: str, dsn: str, count: int):

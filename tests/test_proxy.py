@@ -23,8 +23,7 @@ import psycopg2
 import pytest
 
 from sharedpool import LocalPool, PoolConfig
-from sharedpool.ledger import Ledger
-from helpers_procs import coordinator, wait_until
+from helpers_procs import close_and_check_no_leak, coordinator
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 pytestmark = pytest.mark.skipif(not os.path.exists(PGBOUNCER), reason="pgbouncer not installed (devtools/system-deps.sh)")
@@ -114,13 +113,7 @@ def pool_through(bouncer_dsn, unique_name):
             return pool
 
         yield make
-        for pool in made:
-            pool.budget.close()
-        ledger = Ledger.attach(unique_name)
-        try:
-            assert wait_until(lambda: ledger.sem.value == ledger.header.budget), "permits leaked"
-        finally:
-            ledger.close()
+        close_and_check_no_leak(made, unique_name)
 
 
 def test_pool_connects_through_pgbouncer_and_sets_the_check_interval(pool_through, dsn, unique_name):

@@ -137,7 +137,7 @@ def assert_pool_serves(dsn: str, name: str, sampler: PeakSampler, holder: PoolWo
         [backend] = waiter.get(1)
         handoff = time.monotonic() - started
         assert handoff < 1.0, f"the waiter got the idle permit after {handoff:.2f} s"
-        assert wait_until(lambda: backend in sampler.seen, 2), "the sampler never saw the waiter's connection"
+        assert wait_until(lambda: backend in {pid for pid, _ in sampler.seen}, 2), "the sampler never saw the waiter's connection"
         waiter.exit()
         holder.exit()
     finally:
