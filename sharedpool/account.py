@@ -45,7 +45,8 @@ class SlotAccount:
         self.header = ledger.header
         self.pid = pid
         self.start_time = start_time = process_start_time(pid) or 0
-        self.index = ledger.claim_slot(pid, start_time, pid_namespace())
+        self.pid_ns = pid_namespace()
+        self.index = ledger.claim_slot(pid, start_time, self.pid_ns)
         self.slot: Slot = ledger.slots[self.index]
         self.lock = threading.Lock()
         self._key = slot_key(ledger.token, start_time)
@@ -237,7 +238,7 @@ class SlotAccount:
         """Rewrite the whole slot from this process's own numbers (heals a scribbled slot)."""
         with self.lock:
             slot = self.slot
-            slot.pid, slot.pid_ns = self.pid, pid_namespace() if not self.closed else 0
+            slot.pid, slot.pid_ns = self.pid, 0 if self.closed else self.pid_ns
             # the identity too: the check value is keyed by the start time, and a slot not marked
             # active is skipped by the shed choice
             slot.start_time, slot.state = self.start_time, SLOT_FREE if self.closed else SLOT_ACTIVE
