@@ -707,8 +707,9 @@ def cleanup_ipc(ctx: dict, name: str, rec: dict) -> None:
         with contextlib.suppress(Exception):
             subprocess.run([sp, "cleanup", "--name", name], capture_output=True, timeout=30)
     for e in shm_entries(name):  # last resort: the objects are ours by name
+        path = os.path.join("/dev/shm", e)
         with contextlib.suppress(OSError):
-            os.unlink(os.path.join("/dev/shm", e))
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
 
 
 def tail(workdir: str, fname: str, n: int = 30) -> str:

@@ -41,6 +41,7 @@ import psycopg2  # noqa: E402
 from loadgen import Load  # noqa: E402
 from devtools.pgbouncer import PgBouncer, ensure_installed  # noqa: E402
 from devtools.pgcluster import free_port  # noqa: E402
+from sharedpool.embedded import coordinator_ready  # noqa: E402
 
 
 def say(text: str = "") -> None:
@@ -141,7 +142,7 @@ def run(args, url: str, backend: str, pool: str, procs: Processes, logdir: str) 
                                                   "--budget", str(args.budget), "--remove-on-exit"],
                                   env=env, stderr=open(os.path.join(logdir, "coordinator.log"), "wb"))
         deadline = time.monotonic() + 10
-        while not os.path.exists(f"/dev/shm/sharedpool.{pool}") and time.monotonic() < deadline:
+        while not coordinator_ready(pool) and time.monotonic() < deadline:
             time.sleep(0.02)
     port = free_port()
     config = ["-c", os.path.join(HERE, "gunicorn.conf.py")] if backend == "sharedpool" else []
