@@ -131,7 +131,7 @@ def create_or_adopt(claim: PoolClaim, budget: int, nslots: int) -> tuple[Ledger,
     """Create the ledger, or adopt the one there; return it and whether it was adopted."""
     names, group = claim.names, claim.group
     try:
-        ledger = Ledger.create(names.name, budget, nslots=nslots, group=group, dir_fd=_dup(claim.dir_fd), mapped=False)
+        ledger = Ledger.create(names.name, budget, nslots=nslots, group=group, dir_fd=os.dup(claim.dir_fd), mapped=False)
         return ledger, False
     except FileExistsError:
         pass
@@ -150,10 +150,6 @@ def create_or_adopt(claim: PoolClaim, budget: int, nslots: int) -> tuple[Ledger,
     except LedgerError as exc:
         raise CoordinatorError(f"{exc}; remove it with `sharedpool cleanup --name {names.name}`") from None
     return ledger, True
-
-
-def _dup(fd: int) -> int:
-    return os.dup(fd)
 
 
 def _recreate_semaphore(names: PoolNames, fd: int, header: Header, group: str | None) -> None:
