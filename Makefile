@@ -25,7 +25,7 @@ test: $(STAMP)  ## run the whole test suite against a throwaway PostgreSQL (or D
 
 test-pyuwsgi: $(STAMP)  ## tests/test_pyuwsgi.py with uWSGI from a wheel (pyuwsgi, no compiler), in a venv of its own
 	test -x .cache/venv-pyuwsgi/bin/python || $(PYTHON) -m venv .cache/venv-pyuwsgi
-	.cache/venv-pyuwsgi/bin/python -m pip install -q -e '.[pyuwsgi]' pytest
+	.cache/venv-pyuwsgi/bin/python -m pip install -q -e '.[pyuwsgi,psycopg2]' pytest
 	.cache/venv-pyuwsgi/bin/python -m pytest -q tests/test_pyuwsgi.py
 
 fuzz: $(STAMP)  ## fuzz the live ledger longer than CI does (FUZZ_MUTATIONS, default 20000: about 9 min)
