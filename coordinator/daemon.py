@@ -224,13 +224,7 @@ class Coordinator:
     def stable_view(self) -> tuple[list[SlotFacts], int]:
         """Read the slots, the semaphore and the slots again until nothing moved in between."""
         ledger = self.ledger
-        alive: set[int] = set()
-        for _ in range(100):
-            before = ledger.raw_slots()
-            alive = {offset - SLOT_LOCK_BASE for offset in locked_bytes(ledger.locks_fd, SLOT_LOCK_BASE, ledger.nslots)}
-            free = ledger.sem.value
-            if ledger.raw_slots() == before:
-                break
+        before, free, alive = ledger.stable_slots()
         facts = []
         for index in range(ledger.nslots):
             slot = Slot.from_buffer_copy(before, index * SLOT_SIZE)

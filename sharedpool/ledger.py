@@ -535,15 +535,21 @@ class Ledger:
     def read_header(self) -> Header:
         return Header.from_buffer_copy(_pread(self._fd, HEADER_SIZE, 0))
 
-    def snapshot(self) -> Snapshot:
-        """A consistent view: the slots read twice, identical around the semaphore's value."""
+    def stable_slots(self) -> tuple[bytes, int, set[int]]:
+        """The raw slots, the free permits and the live slots, read until the slots were identical around
+        the other two reads (no permit operation completed in between)."""
         for _ in range(100):
             raw = self.raw_slots()
+            alive = {offset - SLOT_LOCK_BASE for offset in locked_bytes(self.locks_fd, SLOT_LOCK_BASE, self.nslots)}
             free = self.sem.value
             if self.raw_slots() == raw:
                 break
+        return raw, free, alive
+
+    def snapshot(self) -> Snapshot:
+        """A consistent view, for status, metrics and timeouts' messages."""
+        raw, free, alive_slots = self.stable_slots()
         header = self.read_header()
-        alive_slots = {offset - SLOT_LOCK_BASE for offset in locked_bytes(self.locks_fd, SLOT_LOCK_BASE, self.nslots)}
         views = []
         totals = {counter: getattr(header, counter) for counter in SUMMED_COUNTERS}
         for index in range(self.nslots):
