@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import request_finished
 from django.db import DEFAULT_DB_ALIAS
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.utils.asyncio import async_unsafe
@@ -254,11 +255,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self.health_check_done = True
 
     def close_if_unusable_or_obsolete(self) -> None:
-        # Django's logic, except that a connection failing is_usable() is discarded and
-        # that every request boundary gives the connection back to the shared pool,
-        # whatever CONN_MAX_AGE says: a worker keeping one between requests would starve
-        # the others once workers outnumber the budget. CONN_MAX_AGE bounds the pooled
-        # connection's age instead (RECYCLE, config.py). Django's own pool keeps Django's logic.
+        # Django's logic, except that a connection failing is_usable() is discarded (Django's own
+        # pool: Django's). The end of a request gives the connection back whatever CONN_MAX_AGE
+        # says: see _give_back_at_request_end.
         if self.pool:
             return super().close_if_unusable_or_obsolete()
         if self.connection is None:
@@ -275,7 +274,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                 self._discard_on_close = True
                 self.close()
                 return
-        self.close()
+        if self.close_at is not None and time.monotonic() >= self.close_at:
+            self.close()
 
     # -- connect and close ----------------------------------------------------------
 
@@ -465,3 +465,24 @@ def _forget_django_pools_after_fork() -> None:
 
 
 forksafe.register(_forget_django_pools_after_fork)
+
+
+def _give_back_at_request_end(**kwargs: Any) -> None:
+    """Give every pooled connection back to the shared pool when a request ends, whatever CONN_MAX_AGE says.
+
+    A worker keeping a connection between requests would starve the others
+    once workers outnumber the budget (the guides' CONN_MAX_AGE: 300 turned
+    into 500s); the connection goes back idle, so the next request reuses it
+    without a reconnect, and CONN_MAX_AGE bounds its age instead (RECYCLE).
+    Only the request_finished signal does this: Django's own pool, and code
+    that calls close_if_unusable_or_obsolete() itself, keep Django's semantics.
+    """
+    from django.db import connections
+
+    for wrapper in connections.all(initialized_only=True):
+        if isinstance(wrapper, DatabaseWrapper) and wrapper.connection is not None and not wrapper.pool \
+                and not wrapper.in_atomic_block:
+            wrapper.close()
+
+
+request_finished.connect(_give_back_at_request_end)
