@@ -34,8 +34,11 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import psycopg2
-import psycopg2.errors
+try:
+    import psycopg2
+    import psycopg2.errors
+except ImportError:  # only the cluster agent and its commands need it; they say so
+    psycopg2 = None
 
 from sharedpool import channel
 from sharedpool.errors import ConfigError, SharedPoolError
@@ -213,6 +216,8 @@ class DemandTracker:
 
 
 def connect(dsn: str, name: str) -> Any:
+    if psycopg2 is None:
+        raise ClusterError(f"pool {name!r}: the cluster budget's store needs psycopg2 (pip install 'sharedpool[psycopg2]')")
     conn = psycopg2.connect(dsn, application_name=f"sharedpool-cluster/{name}", **AGENT_CONNECT)
     conn.autocommit = True
     return conn
