@@ -68,16 +68,12 @@ class SlotAccount:
         slot.check = seal(self._key, self.pid, self.held, self.inflight, self.waiting)
 
     def try_take(self, sem: posix_ipc.Semaphore) -> bool:
-        """Take a free permit now, or return False; recorded in flight before the semaphore moves.
-
-        The check value is written once, when the operation is complete: in
-        between, the slot fails its check, and the coordinator decides nothing
-        on an unverified slot (a death in between is settled by an exact count).
-        """
+        """Take a free permit now, or return False; recorded in flight before the semaphore moves."""
         with self.lock:
             slot = self.slot
             self.inflight += 1
             slot.inflight = self.inflight
+            self._seal(slot)
             try:
                 sem.acquire(0)
                 taken = True
@@ -109,7 +105,8 @@ class SlotAccount:
             slot.held = self.held
             slot.inflight = self.inflight
             slot.releases = self.counts["releases"]
-            sem.release()  # unverified until sealed below, like try_take
+            self._seal(slot)
+            sem.release()
             self.inflight -= 1
             slot.inflight = self.inflight
             self._seal(slot)
