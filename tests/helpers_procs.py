@@ -453,6 +453,17 @@ def backends(dsn: str, name: str) -> int:
     return server_backends(dsn, f"sharedpool/{name}")
 
 
+def on_server(dsn: str, backend_pid: int) -> bool:
+    """Tell whether the server still lists backend ``backend_pid`` in pg_stat_activity."""
+    conn = psycopg2.connect(dsn, application_name="test-probe")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (backend_pid,))
+            return cur.fetchone()[0] == 1
+    finally:
+        conn.close()
+
+
 def process_gone(pid: int) -> bool:
     """Tell whether ``pid`` has exited (a zombie nobody reaped yet counts as gone)."""
     fields = proc_stat(pid)

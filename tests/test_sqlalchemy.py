@@ -24,7 +24,8 @@ from sharedpool.integrations.sqlalchemy import SharedPool  # noqa: E402
 from sharedpool.ledger import Ledger  # noqa: E402
 from sharedpool.pool import close_all  # noqa: E402
 from helpers_procs import (  # noqa: E402
-    ROOT, PeakSampler, backends, coordinator, finish, kill_all, read_line, sem_free, start_worker, wait_until)
+    ROOT, PeakSampler, backends, coordinator, finish, kill_all, on_server, read_line, sem_free, start_worker,
+    wait_until)
 
 ENGINE_SETUP = """
 import os, sys
@@ -194,16 +195,6 @@ def backend_pid(conn) -> int:
     return conn.execute(text("SELECT pg_backend_pid()")).scalar()
 
 
-def alive(dsn: str, pid: int) -> bool:
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
-            return cur.fetchone()[0] == 1
-    finally:
-        conn.close()
-
-
 def test_server_options_and_status(engine, unique_name):
     with engine.connect() as conn:
         assert conn.execute(text("SHOW application_name")).scalar() == f"sharedpool/{unique_name}"
@@ -217,7 +208,7 @@ def test_invalidate_paths_give_permits_back(engine, dsn, unique_name):
     with engine.connect() as conn:
         first = backend_pid(conn)
         conn.invalidate()
-        assert not alive(dsn, first)
+        assert not on_server(dsn, first)
         assert sem_free(unique_name) == 2
         conn.rollback()
         assert backend_pid(conn) != first  # reconnected, with a new permit
@@ -233,7 +224,7 @@ def test_invalidate_paths_give_permits_back(engine, dsn, unique_name):
     with admin.cursor() as cur:
         cur.execute("SELECT pg_terminate_backend(%s)", (doomed_pid,))
     admin.close()
-    assert wait_until(lambda: not alive(dsn, doomed_pid))
+    assert wait_until(lambda: not on_server(dsn, doomed_pid))
     with engine.connect() as one, engine.connect() as two:
         seen = []
         for conn in (one, two):
@@ -247,16 +238,16 @@ def test_invalidate_paths_give_permits_back(engine, dsn, unique_name):
         pids = {backend_pid(one), backend_pid(two)}
         assert idle_pid not in pids  # recycled: opened before the pool's invalidation
         assert sem_free(unique_name) == 0 and backends(dsn, unique_name) == 2
-    assert not alive(dsn, idle_pid)
+    assert not on_server(dsn, idle_pid)
 
     # soft invalidation: returned and kept, then closed at its next checkout
     with engine.connect() as conn:
         soft = backend_pid(conn)
         conn.connection.invalidate(soft=True)
-    assert alive(dsn, soft) and sem_free(unique_name) == 0
+    assert on_server(dsn, soft) and sem_free(unique_name) == 0
     with engine.connect() as conn:
         assert backend_pid(conn) != soft  # the other idle connection
-        assert not alive(dsn, soft) and sem_free(unique_name) == 1
+        assert not on_server(dsn, soft) and sem_free(unique_name) == 1
 
     # a connect event that fails: the new connection is closed, its permit posted
     engine.dispose()

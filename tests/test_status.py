@@ -7,7 +7,7 @@ import psycopg2
 import pytest
 
 from sharedpool.ledger import SlotView
-from helpers_procs import PoolWorker, coordinator, read_line, run_cli, start_worker, wait_until
+from helpers_procs import PoolWorker, coordinator, on_server, read_line, run_cli, start_worker, wait_until
 
 
 def pools_listing() -> dict[str, dict]:
@@ -94,7 +94,7 @@ def test_backends_joined_with_pg_stat_activity(dsn, unique_name):
             with admin.cursor() as cur:
                 cur.execute("SELECT pg_terminate_backend(%s)", (second,))  # the ledger still records it
             admin.close()
-            assert wait_until(lambda: not _on_server(dsn, second))
+            assert wait_until(lambda: not on_server(dsn, second))
 
             out = run_cli("status", "--name", unique_name, "--json", "--dsn", dsn, "--rate-window", "0")
             assert out.returncode == 0, out.stderr
@@ -120,16 +120,6 @@ def test_backends_joined_with_pg_stat_activity(dsn, unique_name):
             worker.proc.stdin.write("put 2\n")  # the terminated one is discarded on return
             read_line(worker.proc)
             worker.exit()
-
-
-def _on_server(dsn: str, pid: int) -> bool:
-    conn = psycopg2.connect(dsn, application_name="test-status-probe")
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
-            return cur.fetchone()[0] == 1
-    finally:
-        conn.close()
 
 
 def test_status_dsn_that_cannot_connect(dsn, unique_name):
