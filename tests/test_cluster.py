@@ -20,7 +20,7 @@ import psycopg2
 import pytest
 
 from sharedpool.coordinator import cluster as agent_side
-from sharedpool.coordinator.cluster import FENCE_AFTER, LEASE, SUSPECT, DemandTracker, HostRow, plan, water_fill
+from sharedpool.coordinator.cluster_plan import FENCE_AFTER, HOLD, LEASE, SUSPECT, DemandTracker, HostRow, plan, water_fill
 from helpers_procs import PYTHON, ROOT, sample_server, wait_until
 from hosts import Host, HostServer, Network
 from sharedpool import PoolConfig
@@ -322,7 +322,7 @@ def test_steady_overload_coordinator_restart_new_host_and_idle_host(run, record_
           f"max gap {figures['max_gap'] * 1000:.1f} ms, late {figures['late']}; new host share "
           f"{share} after {new_host_share_s:.3f} s from its first demand, handed over (its backends on the server) "
           f"{handoff_s:.3f} s later; idle host drained in {drain_s:.2f} s "
-          f"(hold {agent_side.HOLD} s)", flush=True)
+          f"(hold {HOLD} s)", flush=True)
 
 
 def test_the_cap_holds_without_any_coordinator_sharing(run, record_property):
